@@ -1,0 +1,210 @@
+"""Sockets in the lab's client and server namespaces, and proxies to test against."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import uproxy_trio
+from uproxy_netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, Lab, Namespace
+from uproxy_trio import FlowEvent
+
+PROXY_PORT = 9091
+PROXY_LISTEN = [("127.0.0.1", PROXY_PORT), ("::1", PROXY_PORT)]
+
+# (client_ip, server_ip) for tests that must hold for both IP versions.
+ADDRESSES = [
+    pytest.param(CLIENT_V4, SERVER_V4, id="ipv4"),
+    pytest.param(CLIENT_V6, SERVER_V6, id="ipv6"),
+]
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+async def listen(
+    ns: Namespace, host: str, port: int, backlog: int = 1024
+) -> trio.socket.SocketType:
+    sock = trio.socket.from_stdlib_socket(ns.socket(family_of(host)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    await sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
+async def connect(ns: Namespace, host: str, port: int) -> trio.socket.SocketType:
+    sock = trio.socket.from_stdlib_socket(ns.socket(family_of(host)))
+    await sock.connect((host, port))
+    return sock
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view[: 1 << 20])
+        view = view[sent:]
+
+
+async def recv_until_eof(sock: trio.socket.SocketType, limit: int = 1 << 27) -> bytes:
+    received = bytearray()
+    while True:
+        data = await sock.recv(1 << 18)
+        if not data:
+            return bytes(received)
+        received += data
+        assert len(received) <= limit, "peer sent more than expected"
+
+
+async def recv_exactly(sock: trio.socket.SocketType, size: int) -> bytes:
+    received = bytearray()
+    while len(received) < size:
+        data = await sock.recv(size - len(received))
+        assert data, f"EOF after {len(received)} of {size} bytes"
+        received += data
+    return bytes(received)
+
+
+def reset_close(sock: trio.socket.SocketType) -> None:
+    """Close with a RST, as a crashing or aborting peer would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+async def echo_connection(sock: trio.socket.SocketType) -> None:
+    with sock:
+        try:
+            while data := await sock.recv(1 << 16):
+                await send_all(sock, data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+async def echo_server(
+    listener: trio.socket.SocketType,
+    on_accept: Callable[[Any], None] | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Echo every connection until its EOF; ``on_accept(peer)`` sees each client address."""
+    with listener:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                sock, peer = await listener.accept()
+                if on_accept is not None:
+                    on_accept(peer)
+                nursery.start_soon(echo_connection, sock)
+
+
+class EventLog:
+    """Collects the proxy's events, and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.events: list[FlowEvent] = []
+        self._changed = trio.Event()
+
+    def __call__(self, event: FlowEvent) -> None:
+        uproxy_trio.log_event(event)
+        self.events.append(event)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def of_type(self, kind: type[Any]) -> list[Any]:
+        return [event for event in self.events if isinstance(event, kind)]
+
+    async def wait_for(self, kind: type[Any], count: int = 1, timeout: float = 10) -> list[Any]:
+        with trio.fail_after(timeout):
+            while len(found := self.of_type(kind)) < count:
+                await self._changed.wait()
+        return found
+
+
+async def run_library_proxy(
+    events: EventLog,
+    options: Mapping[str, Any],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``uproxy_trio.serve`` on the lab's TPROXY port; the caller must be in the proxy ns."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: uproxy_trio.serve(
+                PROXY_LISTEN, on_event=events, task_status=task_status, **options
+            )
+        )
+        task_status.started()
+
+
+def uproxy_command() -> list[str]:
+    """The installed console script, next to the interpreter running the tests."""
+    script = Path(sys.executable).parent / "uproxy"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "uproxy_cli"]
+
+
+class CliProxy:
+    """``uproxy serve`` as a separate process in the lab's proxy namespace."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="uproxy-", suffix=".log")  # noqa: SIM115
+        self.returncode: int | None = None
+
+    @property
+    def log(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def start(self, *args: str, ready_timeout: float = 20) -> None:
+        argv = self.lab.proxy.exec_argv(
+            [
+                *uproxy_command(),
+                "serve",
+                "--listen",
+                "127.0.0.1:9091",
+                "--listen",
+                "[::1]:9091",
+                *args,
+            ]
+        )
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=self._log)
+        deadline = time.monotonic() + ready_timeout
+        # Ready means both listeners are up, whatever --log-level hides.
+        while len(self.lab.proxy.run(["ss", "-Hltn", f"sport = :{PROXY_PORT}"]).splitlines()) < 2:
+            if self.process.poll() is not None:
+                raise AssertionError(f"uproxy serve exited {self.process.returncode}:\n{self.log}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"uproxy serve not ready in {ready_timeout}s:\n{self.log}")
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        """Signal the proxy and wait; return its exit code."""
+        if self.process is None:
+            return self.returncode
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.returncode = self.process.returncode
+        self.process = None
+        self._log.flush()
+        return self.returncode
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

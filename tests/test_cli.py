@@ -1,0 +1,74 @@
+"""Bad input to ``uproxy``: one clear line and exit code 2, never a traceback (no root needed)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from lab_tools import uproxy_command
+
+
+def run_uproxy(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*uproxy_command(), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_version() -> None:
+    done = run_uproxy("--version")
+    assert done.returncode == 0
+    assert done.stdout.startswith("uproxy 0.")
+
+
+def test_help_shows_serve_options() -> None:
+    done = run_uproxy("serve", "--help")
+    assert done.returncode == 0
+    for option in ("--listen", "--connect-timeout", "--label", "--interceptor"):
+        assert option in done.stdout
+
+
+BAD_SPEC_FILE = "async def not_a_generator(flow, direction, chunks):\n    return chunks\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["serve", "--listen", "nonsense"],
+            "Invalid value for '--listen': 'nonsense' is not HOST:PORT",
+        ),
+        (["serve", "--listen", "127.0.0.1:70000"], "port 70000 is out of range (1-65535)"),
+        (["serve", "--listen", "localhost:9091"], "'localhost' is not an IP address"),
+        (["serve", "--frobnicate"], "No such option: --frobnicate"),
+        (["serve", "--connect-timeout", "soon"], "'--connect-timeout'"),
+        (["serve", "--log-level", "loud"], "'loud' is not one of debug, info, warning, error"),
+        (["serve", "-i", "missing.py:f"], "'missing.py:f': no such file 'missing.py'"),
+        (["serve", "-i", "no_such_module_xyz:f"], "no module named 'no_such_module_xyz'"),
+        (["serve", "-i", "uproxy_trio:nothing"], "uproxy_trio has no 'nothing'"),
+        (["serve", "-i", "uproxy_trio.interceptors:label"], "is not an async generator function"),
+        (["serve", "-i", "justtext"], "expected path/to/file.py:name or package.module:name"),
+        (["bogus-command"], "No such command 'bogus-command'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    done = run_uproxy(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("uproxy: error: ")
+    assert message in lines[0]
+
+
+def test_interceptor_of_the_wrong_kind_is_refused_before_binding(tmp_path: Path) -> None:
+    spec_file = tmp_path / "wrong.py"
+    spec_file.write_text(BAD_SPEC_FILE)
+    done = run_uproxy("serve", "-i", f"{spec_file}:not_a_generator")
+    assert done.returncode == 2
+    assert "not_a_generator is not an async generator function" in done.stderr
+    broken = tmp_path / "broken.py"
+    broken.write_text("def (:\n")
+    done = run_uproxy("serve", "-i", f"{broken}:f")
+    assert done.returncode == 2
+    assert "loading failed: SyntaxError" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,219 @@
+"""The relay's TCP semantics, proven over real sockets in the lab with the library in-process."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+from lab_tools import (
+    ADDRESSES,
+    EventLog,
+    connect,
+    echo_server,
+    listen,
+    open_fds,
+    recv_exactly,
+    recv_until_eof,
+    reset_close,
+    run_library_proxy,
+    send_all,
+)
+
+from uproxy_netns import SERVER_V4, SERVER_V6, Lab
+from uproxy_trio import (
+    FlowClosed,
+    FlowOpened,
+    HalfClosed,
+    UpstreamConnected,
+    UpstreamFailed,
+)
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
+async def test_flow_keeps_both_addresses_and_reports_its_life(
+    inside_proxy: Lab, library_proxy: EventLog, client_ip: str, server_ip: str
+) -> None:
+    lab = inside_proxy
+    with trio.fail_after(10):
+        listener = await listen(lab.server, server_ip, 9090)
+        client = await connect(lab.client, server_ip, 9090)
+        server, peer = await listener.accept()
+        # Neither end can tell the proxy is there.
+        assert peer[:2] == client.getsockname()[:2]
+        assert peer[0] == client_ip
+        assert client.getpeername()[:2] == (server_ip, 9090)
+        await send_all(client, b"ping")
+        assert await recv_exactly(server, 4) == b"ping"
+        await send_all(server, b"pong!")
+        assert await recv_exactly(client, 5) == b"pong!"
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_until_eof(server) == b""
+        server.close()
+        assert await recv_until_eof(client) == b""
+        client.close()
+        listener.close()
+        (closed,) = await library_proxy.wait_for(FlowClosed)
+
+    flow = closed.flow
+    assert flow.client == (client_ip, peer[1])
+    assert flow.server == (server_ip, 9090)
+    kinds = [type(event) for event in library_proxy.events]
+    assert kinds == [FlowOpened, UpstreamConnected, HalfClosed, HalfClosed, FlowClosed]
+    assert [event.side for event in library_proxy.of_type(HalfClosed)] == ["client", "server"]
+    assert (closed.reason, closed.first_closed) == ("closed", "client")
+    assert (closed.bytes_client_to_server, closed.bytes_server_to_client) == (4, 5)
+    assert closed.duration_s >= 0
+
+
+async def test_half_close_from_client_keeps_server_to_client_flowing(
+    inside_proxy: Lab, library_proxy: EventLog
+) -> None:
+    lab = inside_proxy
+    request, response = b"GET / HTTP/1.0\r\n\r\n" * 1000, bytes(range(256)) * 4000
+    with trio.fail_after(10):
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        client = await connect(lab.client, SERVER_V4, 9090)
+        server, _ = await listener.accept()
+        await send_all(client, request)
+        client.shutdown(socket.SHUT_WR)
+        # The server sees every request byte, then the EOF, while its own side is still open.
+        assert await recv_until_eof(server) == request
+        await send_all(server, response)
+        server.close()
+        assert await recv_until_eof(client) == response
+        client.close()
+        listener.close()
+        (closed,) = await library_proxy.wait_for(FlowClosed)
+    assert (closed.reason, closed.first_closed) == ("closed", "client")
+
+
+async def test_half_close_from_server_keeps_client_to_server_flowing(
+    inside_proxy: Lab, library_proxy: EventLog
+) -> None:
+    lab = inside_proxy
+    with trio.fail_after(10):
+        listener = await listen(lab.server, SERVER_V6, 9090)
+        client = await connect(lab.client, SERVER_V6, 9090)
+        server, _ = await listener.accept()
+        await send_all(server, b"banner")
+        server.shutdown(socket.SHUT_WR)
+        assert await recv_until_eof(client) == b"banner"
+        # The client can still talk after the server's FIN, and the server still hears it.
+        await send_all(client, b"late words")
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_until_eof(server) == b"late words"
+        server.close()
+        client.close()
+        listener.close()
+        (closed,) = await library_proxy.wait_for(FlowClosed)
+    assert (closed.reason, closed.first_closed) == ("closed", "server")
+
+
+@pytest.mark.parametrize("resetting_side", ["client", "server"])
+async def test_reset_on_one_side_resets_the_other(
+    inside_proxy: Lab, library_proxy: EventLog, resetting_side: str
+) -> None:
+    lab = inside_proxy
+    with trio.fail_after(10):
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        client = await connect(lab.client, SERVER_V4, 9090)
+        server, _ = await listener.accept()
+        await send_all(client, b"x")
+        assert await recv_exactly(server, 1) == b"x"
+        aborting, survivor = (client, server) if resetting_side == "client" else (server, client)
+        reset_close(aborting)
+        # A reset must arrive as a reset, not as a clean FIN (recv returning b"").
+        with pytest.raises(ConnectionResetError):
+            await recv_until_eof(survivor)
+        survivor.close()
+        listener.close()
+        (closed,) = await library_proxy.wait_for(FlowClosed)
+    assert closed.reason == f"{resetting_side}_reset"
+
+
+@pytest.mark.parametrize(
+    ("destination", "port", "reason"),
+    [
+        pytest.param(SERVER_V4, 9092, "refused", id="refused-v4"),
+        pytest.param(SERVER_V6, 9092, "refused", id="refused-v6"),
+        # The proxy host has no route to this documentation network.
+        pytest.param("203.0.113.9", 9090, "unreachable", id="unreachable"),
+    ],
+)
+async def test_upstream_failure_resets_the_client(
+    inside_proxy: Lab, library_proxy: EventLog, destination: str, port: int, reason: str
+) -> None:
+    lab = inside_proxy
+    with trio.fail_after(10):
+        client = await connect(lab.client, destination, port)
+        with pytest.raises(ConnectionResetError):
+            await recv_until_eof(client)
+        client.close()
+        (failed,) = await library_proxy.wait_for(UpstreamFailed)
+        (closed,) = await library_proxy.wait_for(FlowClosed)
+    assert failed.reason == reason
+    assert closed.reason == f"upstream_{reason}"
+
+
+async def test_silent_upstream_times_out_and_resets_the_client(inside_proxy: Lab) -> None:
+    lab = inside_proxy
+    lab.server.run(["iptables", "-I", "INPUT", "-p", "tcp", "--dport", "9093", "-j", "DROP"])
+    events = EventLog()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_library_proxy, events, {"connect_timeout": 0.5})
+            with trio.fail_after(5):
+                client = await connect(lab.client, SERVER_V4, 9093)
+                started = trio.current_time()
+                with pytest.raises(ConnectionResetError):
+                    await recv_until_eof(client)
+                waited = trio.current_time() - started
+                client.close()
+                (failed,) = await events.wait_for(UpstreamFailed)
+            nursery.cancel_scope.cancel()
+    finally:
+        lab.server.run(["iptables", "-D", "INPUT", "-p", "tcp", "--dport", "9093", "-j", "DROP"])
+    assert failed.reason == "timeout"
+    assert 0.4 <= waited < 3
+
+
+async def test_every_flow_ends_without_leaking_sockets_or_tasks(inside_proxy: Lab) -> None:
+    lab = inside_proxy
+    events = EventLog()
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        await nursery.start(run_library_proxy, events, {})
+        baseline = open_fds()
+
+        async def one_flow(index: int) -> None:
+            client = await connect(lab.client, SERVER_V4, 9092 if index % 5 == 0 else 9090)
+            try:
+                if index % 5 == 0:  # refused upstream
+                    with pytest.raises(ConnectionResetError):
+                        await recv_until_eof(client)
+                elif index % 5 == 1:  # client aborts mid-flow
+                    await send_all(client, b"abc")
+                    await recv_exactly(client, 3)
+                    reset_close(client)
+                else:
+                    payload = index.to_bytes(4, "big") * 1000
+                    await send_all(client, payload)
+                    client.shutdown(socket.SHUT_WR)
+                    assert await recv_until_eof(client) == payload
+            finally:
+                client.close()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as clients:
+                for index in range(100):
+                    clients.start_soon(one_flow, index)
+            await events.wait_for(FlowClosed, 100)
+        # Every socket the proxy opened for those flows is closed again.
+        assert open_fds() == baseline
+        reasons = sorted({event.reason for event in events.of_type(FlowClosed)})
+        assert reasons == ["client_reset", "closed", "upstream_refused"]
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,190 @@
+"""``uproxy serve`` as a user runs it: a separate process in the lab's proxy namespace."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+
+import pytest
+import trio
+from lab_tools import (
+    ADDRESSES,
+    CliProxy,
+    connect,
+    echo_server,
+    listen,
+    recv_exactly,
+    recv_until_eof,
+    send_all,
+    uproxy_command,
+)
+
+from uproxy_netns import SERVER_V4, Lab
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
+async def test_server_sees_the_client_and_the_client_sees_the_server(
+    lab: Lab, cli_proxy: CliProxy, client_ip: str, server_ip: str
+) -> None:
+    cli_proxy.start()
+    with trio.fail_after(10):
+        listener = await listen(lab.server, server_ip, 9090)
+        client = await connect(lab.client, server_ip, 9090)
+        server, peer = await listener.accept()
+        assert peer[:2] == client.getsockname()[:2]
+        assert peer[0] == client_ip
+        assert client.getpeername()[:2] == (server_ip, 9090)
+        await send_all(client, b"hello")
+        assert await recv_exactly(server, 5) == b"hello"
+        for sock in (client, server, listener):
+            sock.close()
+    assert cli_proxy.stop() == 0
+    # The flow's life is in the log: who, where to, and how it ended.
+    port = peer[1]
+    client_text = f"[{client_ip}]:{port}" if ":" in client_ip else f"{client_ip}:{port}"
+    server_text = f"[{server_ip}]:9090" if ":" in server_ip else f"{server_ip}:9090"
+    assert f"flow 1 open client={client_text} server={server_text}" in cli_proxy.log
+    assert "flow 1 upstream connected" in cli_proxy.log
+    assert re.search(r"flow 1 close reason=\w+ .*client_to_server=5 ", cli_proxy.log)
+
+
+@pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
+async def test_32_mib_each_way_at_once_arrives_byte_exact(
+    lab: Lab, cli_proxy: CliProxy, client_ip: str, server_ip: str
+) -> None:
+    cli_proxy.start()
+    size = 32 << 20
+    upload, download = os.urandom(size), os.urandom(size)
+    received: dict[str, bytes] = {}
+    with trio.fail_after(60):
+        listener = await listen(lab.server, server_ip, 9090)
+        client = await connect(lab.client, server_ip, 9090)
+        server, _ = await listener.accept()
+
+        async def send_then_fin(sock: trio.socket.SocketType, data: bytes) -> None:
+            await send_all(sock, data)
+            sock.shutdown(socket.SHUT_WR)
+
+        async def drain(name: str, sock: trio.socket.SocketType) -> None:
+            received[name] = await recv_until_eof(sock, limit=size)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_then_fin, client, upload)
+            nursery.start_soon(send_then_fin, server, download)
+            nursery.start_soon(drain, "server", server)
+            nursery.start_soon(drain, "client", client)
+    for sock in (client, server, listener):
+        sock.close()
+    assert received["server"] == upload
+    assert received["client"] == download
+    assert cli_proxy.stop() == 0
+    assert "close reason=closed" in cli_proxy.log
+    assert f"client_to_server={size} server_to_client={size}" in cli_proxy.log
+
+
+async def test_label_marks_every_read_both_ways(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start("--label", "<via uproxy>")
+    label = b"<via uproxy>\n"
+    with trio.fail_after(10):
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        client = await connect(lab.client, SERVER_V4, 9090)
+        server, _ = await listener.accept()
+        await send_all(client, b"hello")
+        client.shutdown(socket.SHUT_WR)
+        at_server = await recv_until_eof(server)
+        await send_all(server, b"world")
+        server.close()
+        at_client = await recv_until_eof(client)
+    client.close()
+    listener.close()
+    # Each read got exactly one label at its end; the bytes between labels are the original.
+    for original, seen in ((b"hello", at_server), (b"world", at_client)):
+        assert seen.endswith(label)
+        pieces = seen.split(label)[:-1]
+        assert b"".join(pieces) == original
+        assert all(pieces)
+
+
+async def test_connect_timeout_resets_a_client_whose_server_is_silent(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    rule = ["INPUT", "-p", "tcp", "--dport", "9094", "-j", "DROP"]
+    lab.server.run(["iptables", "-I", *rule])
+    try:
+        cli_proxy.start("--connect-timeout", "0.5")
+        with trio.fail_after(10):
+            client = await connect(lab.client, SERVER_V4, 9094)
+            started = trio.current_time()
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(client)
+            waited = trio.current_time() - started
+        client.close()
+    finally:
+        lab.server.run(["iptables", "-D", *rule])
+    assert 0.4 <= waited < 3
+    assert cli_proxy.stop() == 0
+    assert "failed: timeout; resetting client" in cli_proxy.log
+
+
+async def test_200_concurrent_flows_each_get_their_own_bytes_back(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    cli_proxy.start("--log-level", "warning")
+    seen_ports: set[int] = set()
+    all_connected = trio.Event()
+
+    def accepted(peer: tuple[str, int]) -> None:
+        seen_ports.add(peer[1])
+        if len(seen_ports) == 200:
+            all_connected.set()
+
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener, accepted)
+        client_ports: set[int] = set()
+
+        async def one_flow(index: int) -> None:
+            payload = os.urandom(16384) + index.to_bytes(4, "big")
+            client = await connect(lab.client, SERVER_V4, 9090)
+            with client:
+                client_ports.add(client.getsockname()[1])
+                await send_all(client, payload)
+                # Hold every flow open until all 200 are connected at once.
+                await all_connected.wait()
+                client.shutdown(socket.SHUT_WR)
+                assert await recv_until_eof(client) == payload
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as clients:
+                for index in range(200):
+                    clients.start_soon(one_flow, index)
+        nursery.cancel_scope.cancel()
+    assert seen_ports == client_ports
+    assert cli_proxy.stop() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_the_server_cleanly(lab: Lab, cli_proxy: CliProxy, sig: int) -> None:
+    cli_proxy.start()
+    assert cli_proxy.stop(sig) == 0
+    assert f"{signal.Signals(sig).name} received: stopping" in cli_proxy.log
+    assert "Traceback" not in cli_proxy.log
+
+
+def test_address_in_use_is_one_line_and_exit_1(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start()
+    done = subprocess.run(
+        lab.proxy.exec_argv([*uproxy_command(), "serve", "--listen", "127.0.0.1:9091"]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "uproxy: error: cannot listen on 127.0.0.1:9091: address already in use"
+    ]

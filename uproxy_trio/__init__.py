@@ -1,0 +1,44 @@
+"""uproxy-trio: a transparent TCP proxy on Trio, with interceptors that rewrite bytes in flight.
+
+The public API is what this module re-exports; everything in ``_modules`` may change.
+"""
+
+from ._address import Address, format_address, parse_address
+from ._events import (
+    EventSink,
+    FlowClosed,
+    FlowEvent,
+    FlowOpened,
+    HalfClosed,
+    InterceptorFailed,
+    UpstreamConnected,
+    UpstreamFailed,
+    log_event,
+)
+from ._flow import Direction, Flow
+from ._interceptor import Interceptor
+from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, serve
+from ._transparent import TransparencyUnavailable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "Address",
+    "Direction",
+    "EventSink",
+    "Flow",
+    "FlowClosed",
+    "FlowEvent",
+    "FlowOpened",
+    "HalfClosed",
+    "Interceptor",
+    "InterceptorFailed",
+    "TransparencyUnavailable",
+    "UpstreamConnected",
+    "UpstreamFailed",
+    "format_address",
+    "log_event",
+    "parse_address",
+    "serve",
+]

@@ -1,0 +1,123 @@
+"""The life of a flow as a sequence of events.
+
+The proxy reports what happens to an ``on_event`` callable; ``log_event`` (the default) turns
+the events into log lines. A library user passes their own callable to count, record or
+assert on flows. The callable runs inline on the data path, so it must be quick and must not
+block; it may not raise (an exception there is logged and otherwise ignored).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from ._address import format_address
+from ._flow import Direction, Flow
+
+LOGGER = logging.getLogger("uproxy_trio.flow")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowOpened:
+    """A client's connection was accepted; ``flow.server`` is its original destination."""
+
+    flow: Flow
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConnected:
+    """The transparent connection to the original destination is up."""
+
+    flow: Flow
+    connect_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """The original destination could not be reached; the client is reset."""
+
+    flow: Flow
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HalfClosed:
+    """``side`` sent its FIN and the proxy passed it on; the other direction goes on."""
+
+    flow: Flow
+    side: str
+
+
+@dataclass(frozen=True, slots=True)
+class InterceptorFailed:
+    """An interceptor raised; its flow is reset and nothing else is touched."""
+
+    flow: Flow
+    direction: Direction
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class FlowClosed:
+    """The flow is over and both of its sockets are closed.
+
+    ``reason`` is ``closed`` (both sides finished cleanly), ``client_reset``, ``server_reset``,
+    ``interceptor_failed``, ``cancelled`` or ``upstream_<why>``; the byte counts are what the
+    proxy delivered to the server and to the client.
+    """
+
+    flow: Flow
+    reason: str
+    first_closed: str | None
+    bytes_client_to_server: int
+    bytes_server_to_client: int
+    duration_s: float
+
+
+FlowEvent: TypeAlias = (
+    FlowOpened | UpstreamConnected | UpstreamFailed | HalfClosed | InterceptorFailed | FlowClosed
+)
+EventSink: TypeAlias = Callable[[FlowEvent], None]
+
+
+def log_event(event: FlowEvent) -> None:
+    """The default sink: one log line per event on the ``uproxy_trio.flow`` logger."""
+    flow = event.flow
+    if isinstance(event, FlowOpened):
+        LOGGER.info(
+            "flow %d open client=%s server=%s",
+            flow.id,
+            format_address(flow.client),
+            format_address(flow.server),
+        )
+    elif isinstance(event, UpstreamConnected):
+        LOGGER.info("flow %d upstream connected in %.3fs", flow.id, event.connect_s)
+    elif isinstance(event, UpstreamFailed):
+        LOGGER.warning(
+            "flow %d upstream %s failed: %s; resetting client",
+            flow.id,
+            format_address(flow.server),
+            event.reason,
+        )
+    elif isinstance(event, HalfClosed):
+        LOGGER.info("flow %d %s closed its side", flow.id, event.side)
+    elif isinstance(event, InterceptorFailed):
+        LOGGER.error(
+            "flow %d interceptor failed (%s); resetting the flow",
+            flow.id,
+            event.direction.value,
+            exc_info=event.error,
+        )
+    else:
+        LOGGER.info(
+            "flow %d close reason=%s first=%s client_to_server=%d server_to_client=%d "
+            "duration=%.3fs",
+            flow.id,
+            event.reason,
+            event.first_closed or "-",
+            event.bytes_client_to_server,
+            event.bytes_server_to_client,
+            event.duration_s,
+        )

@@ -1,0 +1,146 @@
+"""The one place that creates transparent sockets, and the one place that resets them.
+
+``IP_TRANSPARENT`` (``IPV6_TRANSPARENT``) lets a socket accept connections addressed to any
+IP, which is how the TPROXY rule delivers flows to us, and lets an outgoing socket bind to an
+address this host does not own: the client's. Both need CAP_NET_ADMIN (or CAP_NET_RAW).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+import trio
+
+from ._address import Address, family_of, format_address
+
+# Linux values from <linux/in.h> and <linux/in6.h>; Python's socket module lacks the IPv6 one.
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
+
+# A full accept queue under a burst of SYNs costs the clients a retransmit (one second); the
+# kernel caps this at net.core.somaxconn anyway.
+LISTEN_BACKLOG = 4096
+
+# close() with SO_LINGER {on, 0 s} sends a RST instead of a FIN: how a reset on one side is
+# passed on to the other, and how a client learns its upstream could not be reached.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class TransparencyUnavailable(PermissionError):
+    """The process may not set ``IP_TRANSPARENT``: it lacks CAP_NET_ADMIN."""
+
+
+def _make_transparent(sock: trio.socket.SocketType) -> None:
+    if sock.family == socket.AF_INET6:
+        level, option = socket.IPPROTO_IPV6, IPV6_TRANSPARENT
+    else:
+        level, option = socket.IPPROTO_IP, IP_TRANSPARENT
+    try:
+        sock.setsockopt(level, option, 1)
+    except PermissionError as exc:
+        raise TransparencyUnavailable(
+            exc.errno,
+            "setting IP_TRANSPARENT needs CAP_NET_ADMIN (run as root or grant the capability)",
+        ) from None
+
+
+def _transparent_socket(address: Address) -> trio.socket.SocketType:
+    sock = trio.socket.socket(family_of(address), socket.SOCK_STREAM)
+    try:
+        _make_transparent(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_transparent_listener(address: Address) -> trio.socket.SocketType:
+    """Bind and listen on ``address`` so that TPROXY can hand us flows for any destination."""
+    sock = _transparent_socket(address)
+    try:
+        if sock.family == socket.AF_INET6:
+            # One listener per family, as trio does: [::] then means IPv6 only, and a user can
+            # list 0.0.0.0 beside it without a clash.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise OSError(exc.errno, f"cannot listen on {format_address(address)}: {reason}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ConnectFailed(Exception):
+    """The original destination could not be reached; ``reason`` is short and loggable."""
+
+    def __init__(self, reason: str, error: BaseException | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+
+
+def _connect_failure_reason(exc: OSError) -> str:
+    if exc.errno == errno.ECONNREFUSED:
+        return "refused"
+    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "unreachable"
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        return errno.errorcode[exc.errno].lower()
+    return type(exc).__name__
+
+
+async def connect_transparent(
+    client: Address, server: Address, timeout: float
+) -> trio.socket.SocketType:
+    """Connect to ``server`` from the client's own ``client`` address.
+
+    Raises ``ConnectFailed`` for what a client would otherwise have seen as an error
+    (refused, unreachable, no answer within ``timeout`` seconds).
+    """
+    sock = _transparent_socket(client)
+    try:
+        try:
+            await sock.bind(client)
+        except OSError as exc:
+            raise ConnectFailed(
+                f"cannot bind to client address {format_address(client)}: "
+                f"{_connect_failure_reason(exc)}",
+                exc,
+            ) from exc
+        with trio.move_on_after(timeout) as deadline:
+            try:
+                await sock.connect(server)
+            except OSError as exc:
+                raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
+        if deadline.cancelled_caught:
+            raise ConnectFailed("timeout")
+        set_nodelay(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def set_nodelay(sock: trio.socket.SocketType) -> None:
+    """Forward each read at once: Nagle on a relay stacks a second delay on the sender's own."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # the peer may already have reset; the relay will see that itself
+
+
+def reset(sock: trio.socket.SocketType) -> None:
+    """Close ``sock`` with a RST, so the peer sees the same abort we saw on the other side."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # already reset by the peer: a plain close sends nothing more, which is right
+    sock.close()
