@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-import typer
-
 # Exit codes: 2 is what argument parsers use for a usage error; 1 is a failure at run time.
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -18,10 +16,6 @@ class CommandError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_RUNTIME) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def usage_error(message: str) -> typer.BadParameter:
-    return typer.BadParameter(message)
 
 
 def fail(message: str, exit_code: int) -> NoReturn:
