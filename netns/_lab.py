@@ -37,6 +37,9 @@ SERVER_V6 = "2001:db8:2::2"
 _OWNED_PREFIX = "upx"
 _KEPT_PREFIX = "upxlab"
 
+# The seed's rules: port 9090 intercepted, delivered to port 9091.
+SEED_TPROXY = TproxySetup()
+
 
 def _host_batch(interface: str, v4: str, v6: str, gateway_v4: str, gateway_v6: str) -> str:
     # nodad: without it an IPv6 address stays "tentative" for a second or two and connect()
@@ -61,7 +64,7 @@ class Lab:
     socket in them) are deleted when the block ends, whatever happened inside.
     """
 
-    def __init__(self, tag: str, tproxy: TproxySetup) -> None:
+    def __init__(self, tag: str, tproxy: TproxySetup | None) -> None:
         self.tag = tag
         self.tproxy = tproxy
         self.client = Namespace(f"{tag}-client")
@@ -69,14 +72,17 @@ class Lab:
         self.server = Namespace(f"{tag}-server")
 
     @classmethod
-    def owned(cls, tproxy: TproxySetup | None = None) -> Lab:
-        """A lab named for this process, swept by a later run if this one dies uncleanly."""
-        return cls(f"{_OWNED_PREFIX}{os.getpid()}-{secrets.token_hex(2)}", tproxy or TproxySetup())
+    def owned(cls, tproxy: TproxySetup | None = SEED_TPROXY) -> Lab:
+        """A lab named for this process, swept by a later run if this one dies uncleanly.
+
+        ``tproxy=None`` builds a plain router: the proxy host forwards and intercepts nothing.
+        """
+        return cls(f"{_OWNED_PREFIX}{os.getpid()}-{secrets.token_hex(2)}", tproxy)
 
     @classmethod
-    def kept(cls, tproxy: TproxySetup | None = None) -> Lab:
+    def kept(cls, tproxy: TproxySetup | None = SEED_TPROXY) -> Lab:
         """A lab meant to stay up after this process exits (``uproxy lab up``)."""
-        return cls(f"{_KEPT_PREFIX}-{secrets.token_hex(2)}", tproxy or TproxySetup())
+        return cls(f"{_KEPT_PREFIX}-{secrets.token_hex(2)}", tproxy)
 
     @property
     def namespaces(self) -> tuple[Namespace, Namespace, Namespace]:
@@ -106,7 +112,8 @@ class Lab:
                     {"net.ipv6.conf.default.accept_dad": 0, "net.ipv6.conf.all.accept_dad": 0}
                 )
             self._wire()
-            self._install_tproxy()
+            if self.tproxy is not None:
+                self.install_tproxy(self.tproxy)
         except BaseException:
             self.down()
             raise
@@ -156,11 +163,25 @@ class Lab:
             }
         )
 
-    def _install_tproxy(self) -> None:
-        self.proxy.run(["iptables-restore"], input=self.tproxy.iptables_restore(4))
-        self.proxy.run(["ip6tables-restore"], input=self.tproxy.iptables_restore(6))
-        self.proxy.ip(self.tproxy.ip_batch(4))
-        self.proxy.ip(self.tproxy.ip_batch(6), ipv6=True)
+    def install_tproxy(self, tproxy: TproxySetup) -> None:
+        """Put ``tproxy``'s rules on the proxy host, replacing any the lab had."""
+        self.remove_tproxy()
+        self.proxy.run(["iptables-restore"], input=tproxy.iptables_restore(4))
+        self.proxy.run(["ip6tables-restore"], input=tproxy.iptables_restore(6))
+        self.proxy.ip(tproxy.ip_batch(4))
+        self.proxy.ip(tproxy.ip_batch(6), ipv6=True)
+        self.tproxy = tproxy
+
+    def remove_tproxy(self) -> None:
+        """Take the TPROXY rules and policy routing off: the proxy host is a plain router."""
+        if self.tproxy is None:
+            return
+        empty = "*mangle\nCOMMIT\n"
+        self.proxy.run(["iptables-restore"], input=empty)
+        self.proxy.run(["ip6tables-restore"], input=empty)
+        self.proxy.ip(self.tproxy.ip_unbatch(4))
+        self.proxy.ip(self.tproxy.ip_unbatch(6), ipv6=True)
+        self.tproxy = None
 
 
 def sweep_stale_labs() -> list[str]:

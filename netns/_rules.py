@@ -23,18 +23,22 @@ class TproxySetup:
     listen_v6: str = "::1"
     mark: int = 1
     table: int = 100
+    syn_to_tproxy: bool = False
+    """Add ``! --syn`` to the ``-m socket`` shortcut, so every SYN reaches TPROXY even when it
+    matches a TIME_WAIT socket (the seed's rules lack it)."""
 
     def iptables_restore(self, version: int) -> str:
         """Input for ``iptables-restore`` (``version=4``) or ``ip6tables-restore`` (6)."""
         on_ip = self.listen_v4 if version == 4 else self.listen_v6
         in_, out = f"-i {self.in_interface} -p tcp", f"-i {self.out_interface} -p tcp"
+        shortcut = "-m socket ! --syn" if self.syn_to_tproxy else "-m socket"
         tproxy = f"-j TPROXY --tproxy-mark {self.mark} --on-port {self.listen_port} --on-ip {on_ip}"
         return "\n".join(
             [
                 "*mangle",
                 ":DIVERT - [0:0]",
-                f"-A PREROUTING {in_} -m socket --dport {self.ports} -j DIVERT",
-                f"-A PREROUTING {out} -m socket --sport {self.ports} -j DIVERT",
+                f"-A PREROUTING {in_} {shortcut} --dport {self.ports} -j DIVERT",
+                f"-A PREROUTING {out} {shortcut} --sport {self.ports} -j DIVERT",
                 f"-A DIVERT -j MARK --set-mark {self.mark}",
                 "-A DIVERT -j ACCEPT",
                 f"-A PREROUTING {in_} --dport {self.ports} {tproxy}",
@@ -51,4 +55,12 @@ class TproxySetup:
         return (
             f"rule add fwmark {self.mark} lookup {self.table}\n"
             f"route add local {everything} dev lo table {self.table}\n"
+        )
+
+    def ip_unbatch(self, version: int) -> str:
+        """The reverse of ``ip_batch``."""
+        everything = "0.0.0.0/0" if version == 4 else "::/0"
+        return (
+            f"rule del fwmark {self.mark} lookup {self.table}\n"
+            f"route del local {everything} dev lo table {self.table}\n"
         )
