@@ -112,8 +112,9 @@ class Lab:
                     {"net.ipv6.conf.default.accept_dad": 0, "net.ipv6.conf.all.accept_dad": 0}
                 )
             self._wire()
-            if self.tproxy is not None:
-                self.install_tproxy(self.tproxy)
+            wanted, self.tproxy = self.tproxy, None
+            if wanted is not None:
+                self.install_tproxy(wanted)
         except BaseException:
             self.down()
             raise
