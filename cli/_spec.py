@@ -1,19 +1,27 @@
 """Turning ``--interceptor SPEC`` into an interceptor, or into one clear reason why not.
 
-SPEC is ``path/to/file.py:name`` or ``package.module:name``. Everything is checked before
-the proxy binds a socket, so a typo never costs a running proxy its flows.
+SPEC is ``path/to/file.py:name`` or ``package.module:name``, where ``name`` is an interceptor
+(an async generator function), or ``name(ARGS)`` where ``name`` is a factory called with the
+literal ``ARGS`` (numbers, strings, bytes, ... as in Python; nothing is evaluated) that returns
+an interceptor. Everything is checked before the proxy binds a socket, so a typo never costs a
+running proxy its flows.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from uproxy_trio import Interceptor
+
+USAGE = "expected path/to/file.py:name, package.module:name or ...:factory(ARGS)"
 
 
 class SpecError(ValueError):
@@ -21,27 +29,70 @@ class SpecError(ValueError):
 
 
 def load_interceptor(spec: str) -> Interceptor:
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise SpecError(f"{spec!r}: expected path/to/file.py:name or package.module:name")
-    module = _load_module(spec, target)
-    try:
-        candidate = getattr(module, name)
-    except AttributeError:
-        raise SpecError(f"{spec!r}: {target} has no {name!r}") from None
+    head, paren, arguments = spec.partition("(")
+    target, sep, name = head.rpartition(":")
+    if not sep or not target or not name.isidentifier():
+        raise SpecError(f"{spec!r}: {USAGE}")
+    candidate = getattr(_load_module(spec, target), name, None)
+    if candidate is None:
+        raise SpecError(f"{spec!r}: {target} has no {name!r}")
+    if paren:
+        args, kwargs = _literal_arguments(spec, arguments)
+        candidate = _call_factory(spec, name, candidate, args, kwargs)
+    elif _looks_like_factory(candidate):
+        raise SpecError(f"{spec!r}: {name} makes interceptors; call it, as {head}(...)")
     if not inspect.isasyncgenfunction(candidate):
         raise SpecError(
             f"{spec!r}: {name} is not an async generator function "
-            "(async def ... with yield: (flow, direction, chunks) -> AsyncIterator[bytes])"
+            "(async def with yield, taking flow, direction, chunks)"
         )
+    if not _takes_three(candidate):
+        raise SpecError(f"{spec!r}: {name} must take three arguments (flow, direction, chunks)")
+    interceptor: Interceptor = candidate
+    return interceptor
+
+
+def _looks_like_factory(candidate: Any) -> bool:
+    """A plain function that cannot take (flow, direction, chunks) is a factory to call."""
+    return (
+        inspect.isfunction(candidate)
+        and not inspect.isasyncgenfunction(candidate)
+        and not _takes_three(candidate)
+    )
+
+
+def _takes_three(candidate: Any) -> bool:
     try:
         inspect.signature(candidate).bind(None, None, None)
     except TypeError:
-        raise SpecError(
-            f"{spec!r}: {name} must take three arguments (flow, direction, chunks)"
-        ) from None
-    interceptor: Interceptor = candidate
-    return interceptor
+        return False
+    return True
+
+
+def _literal_arguments(spec: str, arguments: str) -> tuple[list[Any], dict[str, Any]]:
+    if not arguments.endswith(")"):
+        raise SpecError(f"{spec!r}: arguments must end with ')'")
+    try:
+        call = ast.parse(f"f({arguments}", mode="eval").body
+        assert isinstance(call, ast.Call)
+        args = [ast.literal_eval(node) for node in call.args]
+        kwargs = {str(kw.arg): ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
+        if len(kwargs) != len(call.keywords):
+            raise ValueError("**kwargs")
+    except (SyntaxError, ValueError, TypeError) as exc:
+        raise SpecError(f"{spec!r}: arguments must be Python literals ({exc})") from None
+    return args, kwargs
+
+
+def _call_factory(
+    spec: str, name: str, factory: Any, args: list[Any], kwargs: dict[str, Any]
+) -> Any:
+    if not callable(factory):
+        raise SpecError(f"{spec!r}: {name} is not callable")
+    try:
+        return factory(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a factory may reject its arguments any way
+        raise SpecError(f"{spec!r}: {name}(...) failed: {type(exc).__name__}: {exc}") from None
 
 
 def _load_module(spec: str, target: str) -> ModuleType:
@@ -60,12 +111,20 @@ def _load_module(spec: str, target: str) -> ModuleType:
 def _load_file(spec: str, path: Path) -> ModuleType:
     if not path.is_file():
         raise SpecError(f"{spec!r}: no such file {str(path)!r}")
-    # A name of its own per file, so two interceptor files called handlers.py do not collide.
-    module_name = f"uproxy_interceptor_{abs(hash(path.resolve()))}"
+    resolved = str(path.resolve())
+    # A module name of its own per file, so two interceptor files named handlers.py in
+    # different folders do not collide, and the same file loaded twice is one module.
+    module_name = "uproxy_interceptor_" + hashlib.sha1(resolved.encode()).hexdigest()[:12]
+    if module_name in sys.modules:
+        return sys.modules[module_name]
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
         raise SpecError(f"{spec!r}: {str(path)!r} is not a Python file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return module

@@ -46,8 +46,17 @@ BAD_SPEC_FILE = "async def not_a_generator(flow, direction, chunks):\n    return
         (["serve", "-i", "missing.py:f"], "'missing.py:f': no such file 'missing.py'"),
         (["serve", "-i", "no_such_module_xyz:f"], "no module named 'no_such_module_xyz'"),
         (["serve", "-i", "uproxy_trio:nothing"], "uproxy_trio has no 'nothing'"),
-        (["serve", "-i", "uproxy_trio.interceptors:label"], "is not an async generator function"),
-        (["serve", "-i", "justtext"], "expected path/to/file.py:name or package.module:name"),
+        (["serve", "-i", "uproxy_trio.interceptors:label"], "label makes interceptors; call it"),
+        (
+            ["serve", "-i", "uproxy_trio.interceptors:label(1, 2, 3)"],
+            "label(...) failed: TypeError",
+        ),
+        (["serve", "-i", "uproxy_trio.interceptors:replace(open(1))"], "must be Python literals"),
+        (
+            ["serve", "-i", 'uproxy_trio.interceptors:replace(b"", b"x")'],
+            "needs a non-empty pattern",
+        ),
+        (["serve", "-i", "justtext"], "expected path/to/file.py:name, package.module:name"),
         (["bogus-command"], "No such command 'bogus-command'"),
     ],
 )

@@ -16,7 +16,7 @@ from ._events import (
     log_event,
 )
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor
+from ._interceptor import Interceptor, directions, in_own_task
 from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, serve
 from ._transparent import TransparencyUnavailable
 
@@ -37,7 +37,9 @@ __all__ = [
     "TransparencyUnavailable",
     "UpstreamConnected",
     "UpstreamFailed",
+    "directions",
     "format_address",
+    "in_own_task",
     "log_event",
     "parse_address",
     "serve",

@@ -10,17 +10,64 @@ One generator runs per direction per flow. Chaining is plain generator nesting (
 output is the next one's ``chunks``): no tasks and no channels, so a chunk costs one
 ``__anext__`` per interceptor, and backpressure is free because nothing is read from a socket
 until the outermost interceptor asks for it.
+
+Two markers change how one interceptor is driven, without changing its signature:
+``directions`` restricts it to one way (the other way then pays nothing for it, and keeps the
+zero-copy path), and ``in_own_task`` runs it behind ``trio.as_safe_channel`` so its body may
+hold a nursery or a cancel scope across ``yield``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
-from typing import TypeAlias
+from typing import Any, TypeAlias, TypeVar, cast
+
+import trio
 
 from ._flow import Direction, Flow
 
 Interceptor: TypeAlias = Callable[[Flow, Direction, AsyncIterator[bytes]], AsyncIterator[bytes]]
+InterceptorT = TypeVar("InterceptorT", bound=Interceptor)
+
+_DIRECTIONS_ATTR = "__uproxy_directions__"
+_OWN_TASK_ATTR = "__uproxy_own_task__"
+
+
+def directions(*wanted: Direction | str) -> Callable[[InterceptorT], InterceptorT]:
+    """Mark an interceptor to run only for ``wanted`` directions (values or their names, such
+    as ``"client_to_server"``); the others pass through untouched and unpaid for."""
+    chosen = frozenset(_as_direction(item) for item in wanted)
+    if not chosen:
+        raise ValueError("directions() needs at least one direction")
+
+    def mark(interceptor: InterceptorT) -> InterceptorT:
+        setattr(interceptor, _DIRECTIONS_ATTR, chosen)
+        return interceptor
+
+    return mark
+
+
+def in_own_task(interceptor: InterceptorT) -> InterceptorT:
+    """Mark an interceptor to run in a task of its own, behind ``trio.as_safe_channel``.
+
+    Plain nesting forbids what Trio forbids in any async generator: a ``yield`` inside a
+    nursery, ``move_on_after`` or ``fail_after``. An interceptor that needs one (a timer that
+    flushes held bytes, a helper task) takes this marker instead. It costs a task switch and a
+    channel hand-off per chunk (see "Interceptor cost" in the README), so it is opt-in.
+    """
+    setattr(interceptor, _OWN_TASK_ATTR, True)
+    return interceptor
+
+
+def _as_direction(item: Direction | str) -> Direction:
+    if isinstance(item, Direction):
+        return item
+    try:
+        return Direction(item.lower())
+    except ValueError:
+        names = ", ".join(direction.value for direction in Direction)
+        raise ValueError(f"{item!r} is not a direction ({names})") from None
 
 
 def chain_for(interceptors: Sequence[Interceptor], direction: Direction) -> tuple[Interceptor, ...]:
@@ -28,10 +75,14 @@ def chain_for(interceptors: Sequence[Interceptor], direction: Direction) -> tupl
 
     They form an onion around the flow: the first one listed sits closest to the client, so
     client-to-server bytes meet them in the listed order and server-to-client bytes in reverse.
+    Interceptors marked for the other direction only are left out.
     """
-    if direction is Direction.CLIENT_TO_SERVER:
-        return tuple(interceptors)
-    return tuple(reversed(interceptors))
+    ordered = interceptors if direction is Direction.CLIENT_TO_SERVER else interceptors[::-1]
+    return tuple(
+        interceptor
+        for interceptor in ordered
+        if direction in getattr(interceptor, _DIRECTIONS_ATTR, Direction)
+    )
 
 
 async def build_chain(
@@ -50,8 +101,13 @@ async def build_chain(
     stream = source
     _close_with(stack, stream)
     for interceptor in chain:
-        stream = interceptor(flow, direction, stream)
-        _close_with(stack, stream)
+        if getattr(interceptor, _OWN_TASK_ATTR, False):
+            safe = trio.as_safe_channel(cast(Any, interceptor))
+            channel = await stack.enter_async_context(safe(flow, direction, stream))
+            stream = cast(AsyncIterator[bytes], channel)
+        else:
+            stream = interceptor(flow, direction, stream)
+            _close_with(stack, stream)
     return stream
 
 
