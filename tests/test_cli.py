@@ -75,6 +75,16 @@ def test_interceptor_of_the_wrong_kind_is_refused_before_binding(tmp_path: Path)
     done = run_uproxy("serve", "-i", f"{spec_file}:not_a_generator")
     assert done.returncode == 2
     assert "not_a_generator is not an async generator function" in done.stderr
+    spec_file.write_text(
+        "async def two(flow, chunks):\n    yield b''\n"
+        "async def fine(flow, direction, chunks):\n    yield b''\n"
+    )
+    done = run_uproxy("serve", "-i", f"{spec_file}:two")
+    assert done.returncode == 2
+    assert "two must take three arguments (flow, direction, chunks)" in done.stderr
+    done = run_uproxy("serve", "-i", f"{spec_file}:fine", "-i", f"{spec_file}:nope")
+    assert done.returncode == 2
+    assert f"{spec_file}:nope': {spec_file} has no 'nope'" in done.stderr
     broken = tmp_path / "broken.py"
     broken.write_text("def (:\n")
     done = run_uproxy("serve", "-i", f"{broken}:f")
