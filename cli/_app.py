@@ -11,11 +11,12 @@ from typing import Annotated
 import typer
 
 import uproxy_trio
-from uproxy_trio import Address, Interceptor, TransparencyUnavailable, parse_address
+from uproxy_trio import Address, Interceptor, Proxy, TransparencyUnavailable, parse_address
 from uproxy_trio.interceptors import label as label_interceptor
 
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
-from ._serve import run_proxy, run_unwrapped
+from ._privileges import drop_to, resolve_identity
+from ._serve import LOGGER, raise_fd_limit, run_proxy, run_unwrapped
 from ._spec import SpecError, load_interceptor
 
 app = typer.Typer(
@@ -106,17 +107,68 @@ def serve(
             "closest to the client.",
         ),
     ] = None,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace",
+            min=0,
+            metavar="SECONDS",
+            envvar="UPROXY_GRACE",
+            help="On SIGTERM/SIGINT, give flows in flight this long before resetting them.",
+        ),
+    ] = 30.0,
+    max_flows: Annotated[
+        int | None,
+        typer.Option(
+            "--max-flows",
+            min=1,
+            metavar="N",
+            envvar="UPROXY_MAX_FLOWS",
+            help="At N flows stop accepting; new connections wait in the kernel's backlog.",
+        ),
+    ] = None,
+    idle_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--idle-timeout",
+            min=0.001,
+            metavar="SECONDS",
+            envvar="UPROXY_IDLE_TIMEOUT",
+            help="Reset a flow that moved no byte either way for this long. [default: off]",
+        ),
+    ] = None,
+    user: Annotated[
+        str | None,
+        typer.Option(
+            "--user",
+            metavar="NAME",
+            envvar="UPROXY_USER",
+            help="After binding, run as this user with CAP_NET_ADMIN as the only capability.",
+        ),
+    ] = None,
+    group: Annotated[
+        str | None,
+        typer.Option(
+            "--group",
+            metavar="NAME",
+            envvar="UPROXY_GROUP",
+            help="With --user: the group to run as. [default: the user's own]",
+        ),
+    ] = None,
     log_level: Annotated[
         str,
         typer.Option(
             "--log-level", envvar="UPROXY_LOG_LEVEL", help=f"One of {', '.join(LOG_LEVELS)}."
         ),
     ] = "info",
-) -> None:
+) -> int:
     """Relay TPROXY'd flows from the client's own address to their original destination.
 
     Example, behind the rules in the README: uproxy serve --listen 127.0.0.1:9091 --listen
     [::1]:9091 --label '<via uproxy>'
+
+    Exit status after SIGTERM/SIGINT: 0 when every flow finished within --grace, 1 when some
+    had to be reset.
     """
     if log_level.lower() not in LOG_LEVELS:
         raise typer.BadParameter(
@@ -126,13 +178,37 @@ def serve(
     interceptors = _load_interceptors(interceptor or [])
     if label is not None:
         interceptors.insert(0, label_interceptor(label))
+    if group is not None and user is None:
+        raise typer.BadParameter("--group needs --user", param_hint="'--group'")
+    identity = None
+    if user is not None:
+        try:
+            identity = resolve_identity(user, group)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--user'") from None
     logging.basicConfig(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    raise_fd_limit()
+    proxy = Proxy(
+        interceptors=interceptors,
+        connect_timeout=connect_timeout,
+        idle_timeout=idle_timeout,
+        max_flows=max_flows,
+    )
+
+    def after_bind() -> None:
+        if identity is not None:
+            try:
+                drop_to(identity)
+            except OSError as exc:
+                raise CommandError(f"cannot run as {identity.user}: {exc.strerror}") from None
+            LOGGER.info("running as %s with CAP_NET_ADMIN only", identity.user)
+
     try:
-        run_unwrapped(run_proxy, addresses, interceptors, connect_timeout)
+        return run_unwrapped(run_proxy, proxy, addresses, grace, after_bind)
     except TransparencyUnavailable as exc:
         raise CommandError(str(exc.strerror)) from None
     except OSError as exc:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,14 @@ ADDRESSES = [
     pytest.param(CLIENT_V4, SERVER_V4, id="ipv4"),
     pytest.param(CLIENT_V6, SERVER_V6, id="ipv6"),
 ]
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10) -> None:
+    """Wait until ``condition()`` holds: for state outside this process (a proxy's descriptor
+    count, its listeners), which can only be polled."""
+    with trio.fail_after(timeout):
+        while not condition():  # noqa: ASYNC110 - nothing to wait on but the other process
+            await trio.sleep(0.02)
 
 
 def family_of(host: str) -> socket.AddressFamily:
@@ -167,18 +175,17 @@ class CliProxy:
     def log(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
 
-    def start(self, *args: str, ready_timeout: float = 20) -> None:
-        argv = self.lab.proxy.exec_argv(
-            [
-                *uproxy_command(),
-                "serve",
-                "--listen",
-                "127.0.0.1:9091",
-                "--listen",
-                "[::1]:9091",
-                *args,
-            ]
-        )
+    def start(
+        self,
+        *args: str,
+        listen: tuple[str, str] = ("127.0.0.1:9091", "[::1]:9091"),
+        ready_timeout: float = 20,
+        wrap: Sequence[str] = (),
+    ) -> None:
+        """Start ``uproxy serve`` on both ``listen`` addresses with ``args``; ``wrap`` is a
+        command prefix (``setpriv ...``) run inside the proxy namespace."""
+        listen_args = [arg for address in listen for arg in ("--listen", address)]
+        argv = self.lab.proxy.exec_argv([*wrap, *uproxy_command(), "serve", *listen_args, *args])
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + ready_timeout
         # Ready means both listeners are up, whatever --log-level hides.
@@ -188,6 +195,41 @@ class CliProxy:
             if time.monotonic() > deadline:
                 raise AssertionError(f"uproxy serve not ready in {ready_timeout}s:\n{self.log}")
             time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "not started"
+        return self.process.pid
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def status(self, field: str) -> str:
+        """A field of /proc/PID/status, such as ``VmRSS`` or ``CapEff``."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == field:
+                return value.strip()
+        raise KeyError(field)
+
+    def rss_kib(self) -> int:
+        return int(self.status("VmRSS").split()[0])
+
+    def wait_for_log(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            assert time.monotonic() < deadline, f"{text!r} not logged in {timeout}s:\n{self.log}"
+            time.sleep(0.02)
+
+    def send(self, sig: int) -> None:
+        assert self.process is not None, "not started"
+        self.process.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 15) -> int | None:
+        """Wait for a proxy that was already told to stop; return its exit code."""
+        if self.process is not None:
+            self.process.wait(timeout)
+        return self.stop()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         """Signal the proxy and wait; return its exit code."""

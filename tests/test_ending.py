@@ -53,3 +53,11 @@ def test_a_flow_stopped_from_outside_is_cancelled_and_reset() -> None:
     ending.record(DirectionEnd(C2S, EndKind.EOF))
     assert not ending.clean  # the other direction never finished
     assert ending.reason == "cancelled"
+
+
+def test_an_idle_flow_expires_with_a_reset_even_after_clean_eofs() -> None:
+    ending = FlowEnding()
+    ending.record(DirectionEnd(C2S, EndKind.EOF))
+    ending.expire()
+    assert not ending.clean
+    assert ending.reason == "idle_timeout"

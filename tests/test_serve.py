@@ -172,7 +172,8 @@ async def test_200_concurrent_flows_each_get_their_own_bytes_back(
 def test_signal_stops_the_server_cleanly(lab: Lab, cli_proxy: CliProxy, sig: int) -> None:
     cli_proxy.start()
     assert cli_proxy.stop(sig) == 0
-    assert f"{signal.Signals(sig).name} received: stopping" in cli_proxy.log
+    assert f"{signal.Signals(sig).name} received: draining 0 flows" in cli_proxy.log
+    assert "stopped; every flow finished" in cli_proxy.log
     assert "Traceback" not in cli_proxy.log
 
 

@@ -9,6 +9,7 @@ from ._events import (
     FlowClosed,
     FlowEvent,
     FlowOpened,
+    FlowRefused,
     HalfClosed,
     InterceptorFailed,
     UpstreamConnected,
@@ -17,7 +18,7 @@ from ._events import (
 )
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, directions, in_own_task
-from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, serve
+from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
 from ._transparent import TransparencyUnavailable
 
 __version__ = "0.1.0"
@@ -31,9 +32,11 @@ __all__ = [
     "FlowClosed",
     "FlowEvent",
     "FlowOpened",
+    "FlowRefused",
     "HalfClosed",
     "Interceptor",
     "InterceptorFailed",
+    "Proxy",
     "TransparencyUnavailable",
     "UpstreamConnected",
     "UpstreamFailed",

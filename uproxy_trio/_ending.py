@@ -49,6 +49,11 @@ class FlowEnding:
 
     def __init__(self) -> None:
         self.ends: list[DirectionEnd] = []
+        self.expired = False
+
+    def expire(self) -> None:
+        """The flow sat idle past its timeout: it ends with a reset (``idle_timeout``)."""
+        self.expired = True
 
     def record(self, end: DirectionEnd) -> bool:
         """Note one direction's end; true when the whole flow must now be reset."""
@@ -58,7 +63,11 @@ class FlowEnding:
     @property
     def clean(self) -> bool:
         """Both directions saw EOF: close both sockets normally."""
-        return len(self.ends) == 2 and all(end.kind is EndKind.EOF for end in self.ends)
+        return (
+            not self.expired
+            and len(self.ends) == 2
+            and all(end.kind is EndKind.EOF for end in self.ends)
+        )
 
     @property
     def first_closed(self) -> str | None:
@@ -72,9 +81,12 @@ class FlowEnding:
     @property
     def reason(self) -> str:
         """Short and stable, for logs and metrics: ``closed``, ``client_reset``, ``server_reset``,
-        ``interceptor_failed`` or ``cancelled`` (the proxy ended the flow, e.g. at shutdown)."""
+        ``interceptor_failed``, ``idle_timeout`` or ``cancelled`` (the proxy ended the flow,
+        e.g. at shutdown)."""
         if self.clean:
             return "closed"
+        if self.expired:
+            return "idle_timeout"
         failure = self.failure
         if failure is None:
             return "cancelled"

@@ -43,6 +43,15 @@ class UpstreamFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class FlowRefused:
+    """The proxy would not relay this flow (``self_loop``: its destination is the proxy's
+    own listener); the client is reset."""
+
+    flow: Flow
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class HalfClosed:
     """``side`` sent its FIN and the proxy passed it on; the other direction goes on."""
 
@@ -64,8 +73,9 @@ class FlowClosed:
     """The flow is over and both of its sockets are closed.
 
     ``reason`` is ``closed`` (both sides finished cleanly), ``client_reset``, ``server_reset``,
-    ``interceptor_failed``, ``cancelled`` or ``upstream_<why>``; the byte counts are what the
-    proxy delivered to the server and to the client.
+    ``interceptor_failed``, ``idle_timeout``, ``cancelled``, ``upstream_<why>`` or
+    ``refused_<why>``; the byte counts are what the proxy delivered to the server and to the
+    client.
     """
 
     flow: Flow
@@ -77,7 +87,13 @@ class FlowClosed:
 
 
 FlowEvent: TypeAlias = (
-    FlowOpened | UpstreamConnected | UpstreamFailed | HalfClosed | InterceptorFailed | FlowClosed
+    FlowOpened
+    | UpstreamConnected
+    | UpstreamFailed
+    | FlowRefused
+    | HalfClosed
+    | InterceptorFailed
+    | FlowClosed
 )
 EventSink: TypeAlias = Callable[[FlowEvent], None]
 
@@ -100,6 +116,13 @@ def log_event(event: FlowEvent) -> None:
             flow.id,
             format_address(flow.server),
             event.reason,
+        )
+    elif isinstance(event, FlowRefused):
+        LOGGER.warning(
+            "flow %d refused (%s): %s is this proxy's own listener; resetting client",
+            flow.id,
+            event.reason,
+            format_address(flow.server),
         )
     elif isinstance(event, HalfClosed):
         LOGGER.info("flow %d %s closed its side", flow.id, event.side)

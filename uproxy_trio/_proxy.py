@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 
@@ -26,6 +26,7 @@ from ._events import (
     FlowClosed,
     FlowEvent,
     FlowOpened,
+    FlowRefused,
     HalfClosed,
     InterceptorFailed,
     UpstreamConnected,
@@ -37,6 +38,7 @@ from ._interceptor import Interceptor, build_chain, chain_for
 from ._transparent import (
     ConnectFailed,
     connect_transparent,
+    is_own_listener,
     open_transparent_listener,
     reset,
     set_nodelay,
@@ -56,18 +58,12 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 LOGGER = logging.getLogger("uproxy_trio")
 
 
-@dataclass(frozen=True, slots=True)
-class _Settings:
-    interceptors: tuple[Interceptor, ...]
-    connect_timeout: float
-    on_event: EventSink
-
-
 @dataclass(slots=True)
 class _Counts:
-    """Bytes a direction delivered to its sink."""
+    """What one direction moved: bytes delivered to its sink, and when it last read any."""
 
     written: int = 0
+    last_read: float = 0.0
 
 
 @dataclass(slots=True)
@@ -79,6 +75,7 @@ class _SourceReader:
     """
 
     sock: trio.socket.SocketType
+    counts: _Counts
     reset_error: OSError | None = field(default=None)
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -90,63 +87,147 @@ class _SourceReader:
                 raise
             if not data:
                 return
+            self.counts.last_read = trio.current_time()
             yield data
 
 
-async def serve(
-    listen: Sequence[Address],
-    *,
-    interceptors: Sequence[Interceptor] = (),
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
-    on_event: EventSink = log_event,
-    task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run a transparent proxy on ``listen`` until cancelled.
+class Proxy:
+    """A transparent proxy: its options, its listeners, and the flows it has in flight.
 
-    ``interceptors`` form an onion around every flow (the first sits closest to the client).
-    ``task_status.started`` receives the bound addresses once every listener is up, so
-    ``await nursery.start(serve, ...)`` returns when the proxy is ready.
+    ``serve`` runs it; ``drain`` stops it gently (no new flows, a grace period for the ones in
+    flight, then a reset for the rest). A ``Proxy`` serves once.
     """
-    settings = _Settings(tuple(interceptors), connect_timeout, on_event)
-    flow_ids = itertools.count(1)
-    with ExitStack() as closing:
-        # Held here so that a failure to bind the third listener closes the first two.
-        listeners: list[trio.socket.SocketType] = []
-        for address in listen:
-            listener = await open_transparent_listener(address)
-            closing.callback(listener.close)
-            listeners.append(listener)
-        bound = [from_sockaddr(sock.getsockname()) for sock in listeners]
-        for address in bound:
-            LOGGER.info("listening on %s", format_address(address))
-        async with trio.open_nursery() as flows:
-            for listener in listeners:
-                flows.start_soon(_accept_loop, listener, flows, flow_ids, settings)
-            task_status.started(bound)
 
+    def __init__(
+        self,
+        *,
+        interceptors: Sequence[Interceptor] = (),
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        idle_timeout: float | None = None,
+        max_flows: int | None = None,
+        on_event: EventSink = log_event,
+    ) -> None:
+        if max_flows is not None and max_flows < 1:
+            raise ValueError("max_flows must be at least 1")
+        self._interceptors = tuple(interceptors)
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._slots = trio.Semaphore(max_flows) if max_flows is not None else None
+        self._emit = _safe_sink(on_event)
+        self._flow_ids = itertools.count(1)
+        self._listening: list[Address] = []
+        self._accepting = trio.CancelScope()
+        self._flows_scope: trio.CancelScope | None = None
+        self._active = 0
+        self._draining = False
+        self._drained = trio.Event()
+        self._started = False
 
-async def _accept_loop(
-    listener: trio.socket.SocketType,
-    flows: trio.Nursery,
-    flow_ids: Iterator[int],
-    settings: _Settings,
-) -> None:
-    while True:
-        try:
-            client_sock, _ = await listener.accept()
-        except OSError as exc:
-            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+    @property
+    def active_flows(self) -> int:
+        return self._active
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The bound listener addresses (empty until ``serve`` has started)."""
+        return list(self._listening)
+
+    async def serve(
+        self,
+        listen: Sequence[Address],
+        *,
+        task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``listen`` and relay flows until cancelled or drained.
+
+        ``task_status.started`` receives the bound addresses once every listener is up, so
+        ``await nursery.start(proxy.serve, ...)`` returns when the proxy is ready.
+        """
+        if self._started:
+            raise RuntimeError("a Proxy serves once; make a new one")
+        self._started = True
+        with ExitStack() as listeners_open:
+            # Held here so that a failure to bind the third listener closes the first two.
+            listeners: list[trio.socket.SocketType] = []
+            for address in listen:
+                listener = await open_transparent_listener(address)
+                listeners_open.callback(listener.close)
+                listeners.append(listener)
+            self._listening = [from_sockaddr(sock.getsockname()) for sock in listeners]
+            for address in self._listening:
+                LOGGER.info("listening on %s", format_address(address))
+            async with trio.open_nursery() as flows:
+                self._flows_scope = flows.cancel_scope
+                with self._accepting:
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(self._accept_loop, listener, flows)
+                        task_status.started(self.addresses)
+                # Draining: close the listeners at once, so new flows are no longer taken
+                # (the kernel refuses them), while the flows in flight go on.
+                listeners_open.close()
+
+    async def drain(self, grace: float) -> int:
+        """Stop taking flows, give those in flight ``grace`` seconds, then reset the rest.
+
+        Returns how many flows had to be reset (0: everything finished by itself).
+        """
+        self._draining = True
+        self._accepting.cancel()
+        if self._active == 0:
+            self._drained.set()
+        with trio.move_on_after(grace):
+            await self._drained.wait()
+        remaining = self._active
+        if remaining and self._flows_scope is not None:
+            LOGGER.warning("grace period over: resetting %d flows", remaining)
+            self._flows_scope.cancel()
+        return remaining
+
+    async def _accept_loop(self, listener: trio.socket.SocketType, flows: trio.Nursery) -> None:
+        while True:
+            # Wait for a connection before taking a slot, so an idle listener never holds
+            # capacity that a busy one needs; at the limit the kernel keeps the connections
+            # in its backlog until a flow ends.
+            await trio.lowlevel.wait_readable(listener)
+            if self._slots is not None:
+                await self._slots.acquire()
+            try:
+                client_sock, _ = await listener.accept()
+            except OSError as exc:
+                self._release_slot()
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                LOGGER.error(
+                    "accept failed: %s; retrying in %ss", os.strerror(exc.errno), ACCEPT_RETRY_S
+                )
+                await trio.sleep(ACCEPT_RETRY_S)
+                continue
+            except BaseException:
+                self._release_slot()
                 raise
-            LOGGER.error(
-                "accept failed: %s; retrying in %ss", os.strerror(exc.errno), ACCEPT_RETRY_S
-            )
-            await trio.sleep(ACCEPT_RETRY_S)
-            continue
-        flows.start_soon(_run_flow, client_sock, next(flow_ids), settings)
+            self._active += 1
+            flows.start_soon(self._run_flow, client_sock, next(self._flow_ids))
 
+    def _release_slot(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
 
-async def _run_flow(client_sock: trio.socket.SocketType, flow_id: int, settings: _Settings) -> None:
-    with client_sock:
+    async def _run_flow(self, client_sock: trio.socket.SocketType, flow_id: int) -> None:
+        try:
+            with client_sock:
+                await self._relay_flow(client_sock, flow_id)
+        except Exception:
+            # A bug in one flow must not take the others down with the nursery.
+            LOGGER.exception("flow %d failed inside the proxy", flow_id)
+        finally:
+            self._active -= 1
+            self._release_slot()
+            if self._draining and self._active == 0:
+                self._drained.set()
+
+    async def _relay_flow(self, client_sock: trio.socket.SocketType, flow_id: int) -> None:
+        emit = self._emit
         try:
             flow = Flow(
                 flow_id,
@@ -154,16 +235,21 @@ async def _run_flow(client_sock: trio.socket.SocketType, flow_id: int, settings:
                 server=from_sockaddr(client_sock.getsockname()),
             )
         except OSError:
+            reset(client_sock)
             return  # the client reset before we looked: nothing to relay, nobody to tell
-        emit = _safe_sink(settings.on_event)
         started = trio.current_time()
         emit(FlowOpened(flow))
         set_nodelay(client_sock)
 
+        if is_own_listener(flow.server, self._listening):
+            # Connecting out would reach our own listener, which would connect out again...
+            reset(client_sock)
+            emit(FlowRefused(flow, "self_loop"))
+            emit(FlowClosed(flow, "refused_self_loop", None, 0, 0, _since(started)))
+            return
+
         try:
-            server_sock = await connect_transparent(
-                flow.client, flow.server, settings.connect_timeout
-            )
+            server_sock = await connect_transparent(flow.client, flow.server, self._connect_timeout)
         except ConnectFailed as failure:
             # Without the proxy the client would have been refused (or given up): a reset is
             # the closest we can come now that its handshake with us has completed.
@@ -175,7 +261,7 @@ async def _run_flow(client_sock: trio.socket.SocketType, flow_id: int, settings:
 
         with server_sock:
             ending = FlowEnding()
-            counts = {direction: _Counts() for direction in Direction}
+            counts = {direction: _Counts(last_read=started) for direction in Direction}
             try:
                 async with trio.open_nursery() as directions:
 
@@ -184,7 +270,7 @@ async def _run_flow(client_sock: trio.socket.SocketType, flow_id: int, settings:
                         source: trio.socket.SocketType,
                         sink: trio.socket.SocketType,
                     ) -> None:
-                        chain = chain_for(settings.interceptors, direction)
+                        chain = chain_for(self._interceptors, direction)
                         end = await _relay(flow, direction, source, sink, chain, counts[direction])
                         if end.kind is EndKind.EOF:
                             emit(HalfClosed(flow, direction.source))
@@ -199,6 +285,10 @@ async def _run_flow(client_sock: trio.socket.SocketType, flow_id: int, settings:
                     directions.start_soon(
                         run_direction, Direction.SERVER_TO_CLIENT, server_sock, client_sock
                     )
+                    if self._idle_timeout is not None:
+                        directions.start_soon(
+                            _watch_idle, self._idle_timeout, counts, ending, directions.cancel_scope
+                        )
             finally:
                 # Both directions are over (or the flow was cancelled): the only question left
                 # is FIN or RST, and FlowEnding answers it.
@@ -215,6 +305,46 @@ async def _run_flow(client_sock: trio.socket.SocketType, flow_id: int, settings:
                         _since(started),
                     )
                 )
+
+
+async def serve(
+    listen: Sequence[Address],
+    *,
+    interceptors: Sequence[Interceptor] = (),
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    idle_timeout: float | None = None,
+    max_flows: int | None = None,
+    on_event: EventSink = log_event,
+    task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a transparent proxy on ``listen`` until cancelled: ``Proxy(...).serve(listen)``.
+
+    ``interceptors`` form an onion around every flow (the first sits closest to the client).
+    """
+    proxy = Proxy(
+        interceptors=interceptors,
+        connect_timeout=connect_timeout,
+        idle_timeout=idle_timeout,
+        max_flows=max_flows,
+        on_event=on_event,
+    )
+    await proxy.serve(listen, task_status=task_status)
+
+
+async def _watch_idle(
+    timeout: float,
+    counts: dict[Direction, _Counts],
+    ending: FlowEnding,
+    directions: trio.CancelScope,
+) -> None:
+    """End the flow once neither direction has read a byte for ``timeout`` seconds."""
+    while True:
+        last = max(count.last_read for count in counts.values())
+        if trio.current_time() - last >= timeout:
+            ending.expire()
+            directions.cancel()
+            return
+        await trio.sleep_until(last + timeout)
 
 
 async def _relay(
@@ -248,6 +378,7 @@ async def _copy(
             return EndKind.SOURCE_RESET
         if not data:
             return EndKind.EOF
+        counts.last_read = trio.current_time()
         if not await _send_all(sink, data, counts):
             return EndKind.SINK_RESET
 
@@ -260,7 +391,7 @@ async def _copy_intercepted(
     chain: Sequence[Interceptor],
     counts: _Counts,
 ) -> tuple[EndKind, BaseException | None]:
-    reader = _SourceReader(source)
+    reader = _SourceReader(source, counts)
     try:
         async with AsyncExitStack() as generators:
             chunks = await build_chain(generators, flow, direction, chain, reader.chunks())

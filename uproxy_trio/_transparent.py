@@ -8,9 +8,11 @@ address this host does not own: the client's. Both need CAP_NET_ADMIN (or CAP_NE
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Sequence
 
 import trio
 
@@ -105,7 +107,11 @@ async def connect_transparent(
     Raises ``ConnectFailed`` for what a client would otherwise have seen as an error
     (refused, unreachable, no answer within ``timeout`` seconds).
     """
-    sock = _transparent_socket(client)
+    try:
+        sock = _transparent_socket(client)
+    except OSError as exc:
+        # Typically EMFILE/ENFILE: this client is reset, the proxy goes on.
+        raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
     try:
         try:
             await sock.bind(client)
@@ -127,6 +133,35 @@ async def connect_transparent(
         sock.close()
         raise
     return sock
+
+
+def is_own_listener(destination: Address, listeners: Sequence[Address]) -> bool:
+    """Whether connecting to ``destination`` would land on one of our own ``listeners``.
+
+    A listener on a wildcard address owns its port on every local address, so a destination
+    on that port is ours if the address is local here, which binding to it tells us. Only
+    flows to a listener's port pay for that check.
+    """
+    host, port = destination
+    for listen_host, listen_port in listeners:
+        if port != listen_port:
+            continue
+        if host == listen_host:
+            return True
+        if ipaddress.ip_address(listen_host).is_unspecified and family_of(
+            (listen_host, port)
+        ) == family_of(destination):
+            return _is_local_address(host)
+    return False
+
+
+def _is_local_address(host: str) -> bool:
+    with socket.socket(family_of((host, 0)), socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
 
 
 def set_nodelay(sock: trio.socket.SocketType) -> None:

@@ -1,0 +1,437 @@
+"""Trustworthy under faults, load and misuse: drain, limits, timeouts, descriptors, collisions,
+dying peers, self-loops and privileges. Each test fails without the behaviour it names."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+from lab_tools import (
+    CliProxy,
+    EventLog,
+    connect,
+    echo_server,
+    eventually,
+    listen,
+    recv_exactly,
+    recv_until_eof,
+    run_library_proxy,
+    send_all,
+    uproxy_command,
+)
+
+from uproxy_netns import (
+    CLIENT_V4,
+    PROXY_CLIENT_SIDE_V4,
+    PROXY_CLIENT_SIDE_V6,
+    SERVER_V4,
+    Lab,
+)
+from uproxy_trio import UpstreamFailed
+from uproxy_trio._transparent import IP_TRANSPARENT
+
+pytestmark = pytest.mark.lab
+
+
+def listeners_in(lab: Lab, port: int = 9091) -> int:
+    return len(lab.proxy.run(["ss", "-Hltn", f"sport = :{port}"]).splitlines())
+
+
+async def roundtrip(sock: trio.socket.SocketType, data: bytes = b"ping") -> None:
+    await send_all(sock, data)
+    assert await recv_exactly(sock, len(data)) == data
+
+
+# --- lifecycle -----------------------------------------------------------------------------
+
+
+async def test_drain_closes_listeners_at_once_and_lets_flows_finish(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    cli_proxy.start("--grace", "30")
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(20):
+            client = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(client)
+            cli_proxy.send(signal.SIGTERM)
+            cli_proxy.wait_for_log("SIGTERM received: draining 1 flows")
+            await eventually(lambda: listeners_in(lab) == 0)
+            # The flow in flight goes on after the listeners are gone, both ways.
+            await roundtrip(client, b"after the signal")
+            client.shutdown(socket.SHUT_WR)
+            assert await recv_until_eof(client) == b""
+            client.close()
+        nursery.cancel_scope.cancel()
+    assert cli_proxy.wait_exit() == 0
+    assert "stopped; every flow finished" in cli_proxy.log
+
+
+async def test_flows_left_after_the_grace_period_are_reset(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start("--grace", "0.5")
+    with trio.fail_after(20):
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        client = await connect(lab.client, SERVER_V4, 9090)
+        server, _ = await listener.accept()
+        await send_all(client, b"x")
+        assert await recv_exactly(server, 1) == b"x"
+        cli_proxy.send(signal.SIGINT)
+        with pytest.raises(ConnectionResetError):
+            await recv_until_eof(client)
+        with pytest.raises(ConnectionResetError):
+            await recv_until_eof(server)
+    for sock in (client, server, listener):
+        sock.close()
+    assert cli_proxy.wait_exit() == 1
+    assert "grace period over: resetting 1 flows" in cli_proxy.log
+
+
+async def test_a_second_signal_resets_at_once(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start("--grace", "600")
+    with trio.fail_after(20):
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        client = await connect(lab.client, SERVER_V4, 9090)
+        server, _ = await listener.accept()
+        await send_all(client, b"x")
+        assert await recv_exactly(server, 1) == b"x"
+        cli_proxy.send(signal.SIGTERM)
+        cli_proxy.wait_for_log("draining 1 flows")
+        cli_proxy.send(signal.SIGTERM)
+        with pytest.raises(ConnectionResetError):
+            await recv_until_eof(client)
+    for sock in (client, server, listener):
+        sock.close()
+    assert cli_proxy.wait_exit() == 1
+    assert "SIGTERM received again: resetting 1 flows" in cli_proxy.log
+
+
+async def test_max_flows_makes_new_connections_wait_not_fail(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start("--max-flows", "10", "--log-level", "warning")
+    concurrent = most = 0
+    answered: list[int] = []
+
+    async def slow_server(sock: trio.socket.SocketType) -> None:
+        nonlocal concurrent, most
+        concurrent += 1
+        most = max(most, concurrent)
+        with sock:
+            request = await recv_exactly(sock, 4)
+            await trio.sleep(2)
+            await send_all(sock, request)
+            concurrent -= 1
+
+    async def serve_slowly(listener: trio.socket.SocketType) -> None:
+        async with trio.open_nursery() as handlers:
+            while True:
+                sock, _ = await listener.accept()
+                handlers.start_soon(slow_server, sock)
+
+    async def one_flow(index: int) -> None:
+        client = await connect(lab.client, SERVER_V4, 9090)
+        with client:
+            await roundtrip(client, index.to_bytes(4, "big"))
+            answered.append(index)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_slowly, await listen(lab.server, SERVER_V4, 9090))
+        with trio.fail_after(30):
+            async with trio.open_nursery() as clients:
+                for index in range(20):
+                    clients.start_soon(one_flow, index)
+        nursery.cancel_scope.cancel()
+    assert sorted(answered) == list(range(20))  # every one served, none dropped
+    assert most == 10  # the limit was reached and never passed
+
+
+async def test_idle_flows_are_reset_and_busy_ones_kept(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start("--idle-timeout", "0.5")
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(20):
+            idle = await connect(lab.client, SERVER_V4, 9090)
+            busy = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(idle)
+            for _ in range(10):  # 2 s of traffic, never 0.5 s apart
+                await roundtrip(busy)
+                await trio.sleep(0.2)
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(idle)
+            await roundtrip(busy)
+        idle.close()
+        busy.close()
+        nursery.cancel_scope.cancel()
+    assert cli_proxy.stop() == 0
+    assert "flow 1 close reason=idle_timeout" in cli_proxy.log
+
+
+async def test_running_out_of_descriptors_backs_off_and_recovers(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    cli_proxy.start()
+    # Four free descriptors: two flows' worth (accepted socket + outgoing socket each).
+    limit = cli_proxy.open_fds() + 4
+    subprocess.run(["prlimit", f"--pid={cli_proxy.pid}", f"--nofile={limit}:{limit}"], check=True)
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(20):
+            first = await connect(lab.client, SERVER_V4, 9090)
+            second = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(first)
+            await roundtrip(second)
+            # The third waits in the kernel's backlog while accept() fails with EMFILE...
+            third = await connect(lab.client, SERVER_V4, 9090)
+            await send_all(third, b"wait")
+            cli_proxy.wait_for_log("accept failed: Too many open files")
+            # ...and is served as soon as descriptors come back.
+            first.close()
+            second.close()
+            assert await recv_exactly(third, 4) == b"wait"
+            await roundtrip(third)
+            third.close()
+        nursery.cancel_scope.cancel()
+    assert cli_proxy.stop() == 0
+
+
+async def test_a_four_tuple_collision_resets_only_that_client(inside_proxy: Lab) -> None:
+    lab = inside_proxy
+    events = EventLog()
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        await nursery.start(run_library_proxy, events, {})
+        with trio.fail_after(10):
+            # Something on the proxy host already holds client:40123 -> server:9090.
+            squatter = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            squatter.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await squatter.bind((CLIENT_V4, 40123))
+            await squatter.connect((SERVER_V4, 9090))
+            bystander = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(bystander)
+
+            victim = trio.socket.from_stdlib_socket(lab.client.socket(socket.AF_INET))
+            await victim.bind((CLIENT_V4, 40123))
+            await victim.connect((SERVER_V4, 9090))
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(victim)
+            (failed,) = await events.wait_for(UpstreamFailed)
+            await roundtrip(bystander)
+        for sock in (squatter, bystander, victim):
+            sock.close()
+        nursery.cancel_scope.cancel()
+    assert failed.flow.client == (CLIENT_V4, 40123)
+    assert failed.reason in {"eaddrnotavail", "eaddrinuse"} or "eaddrinuse" in failed.reason
+
+
+# --- faults --------------------------------------------------------------------------------
+
+STREAM_FOREVER = """
+import socket, sys
+sock = socket.create_connection((sys.argv[1], 9090)) if sys.argv[2] == "client" else None
+if sock is None:
+    listener = socket.socket(); listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((sys.argv[1], 9090)); listener.listen(); sock, _ = listener.accept()
+print("streaming", flush=True)
+while True:
+    sock.sendall(b"z" * 65536)
+"""
+
+
+@pytest.mark.parametrize("dying", ["client", "server"])
+async def test_a_peer_killed_mid_transfer_is_noticed_and_cleaned_up(
+    lab: Lab, cli_proxy: CliProxy, dying: str
+) -> None:
+    cli_proxy.start("--log-level", "warning")
+    baseline = cli_proxy.open_fds()
+    namespace = lab.client if dying == "client" else lab.server
+    peer_listener = await listen(lab.server, SERVER_V4, 9090) if dying == "client" else None
+    process = subprocess.Popen(
+        namespace.exec_argv([sys.executable, "-c", STREAM_FOREVER, SERVER_V4, dying]),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        with trio.fail_after(20):
+            if peer_listener is not None:
+                survivor, _ = await peer_listener.accept()
+            else:
+                await trio.sleep(0.3)  # let the server script listen
+                survivor = await connect(lab.client, SERVER_V4, 9090)
+            await recv_exactly(survivor, 1 << 20)  # mid-transfer
+            process.kill()
+            process.wait()
+            # The survivor learns (EOF after the bytes in flight, or a reset) promptly.
+            with trio.fail_after(5):
+                try:
+                    await recv_until_eof(survivor, limit=1 << 30)
+                except ConnectionResetError:
+                    pass
+            survivor.close()
+            await eventually(lambda: cli_proxy.open_fds() == baseline)
+    finally:
+        process.kill()
+        process.wait()
+        if peer_listener is not None:
+            peer_listener.close()
+    assert cli_proxy.stop() == 0
+
+
+@pytest.mark.parametrize("destination", [PROXY_CLIENT_SIDE_V4, PROXY_CLIENT_SIDE_V6])
+async def test_a_flow_to_the_proxys_own_listener_is_refused(
+    lab: Lab, cli_proxy: CliProxy, destination: str
+) -> None:
+    cli_proxy.start(listen=("0.0.0.0:9091", "[::]:9091"))
+    with trio.fail_after(10):
+        client = await connect(lab.client, destination, 9091)
+        with pytest.raises(ConnectionResetError):
+            await recv_until_eof(client)
+        client.close()
+    assert cli_proxy.stop() == 0
+    shown = f"[{destination}]:9091" if ":" in destination else f"{destination}:9091"
+    assert f"flow 1 refused (self_loop): {shown} is this proxy's own listener" in cli_proxy.log
+    assert "flow 2 " not in cli_proxy.log  # no loop
+
+
+# --- no leaks --------------------------------------------------------------------------------
+
+
+def raise_own_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def test_thousands_of_short_flows_leave_no_descriptor_behind(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    cli_proxy.start("--log-level", "warning")
+    baseline = cli_proxy.open_fds()
+    done = 0
+
+    async def short_flows(count: int) -> None:
+        nonlocal done
+        for _ in range(count):
+            client = await connect(lab.client, SERVER_V4, 9090)
+            with client:
+                await roundtrip(client, b"hello")
+                client.shutdown(socket.SHUT_WR)
+                assert await recv_until_eof(client) == b""
+            done += 1
+
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(120):
+            async with trio.open_nursery() as clients:
+                for _ in range(40):
+                    clients.start_soon(short_flows, 50)
+        nursery.cancel_scope.cancel()
+    assert done == 2000
+    await eventually(lambda: cli_proxy.open_fds() == baseline)
+    assert cli_proxy.stop() == 0
+
+
+async def test_1000_concurrent_flows_of_256_kib_are_byte_exact(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    raise_own_fd_limit()
+    cli_proxy.start("--log-level", "warning")
+    block = os.urandom(256 << 10)
+    exact = 0
+    everyone_connected = trio.Event()
+    connected = 0
+
+    async def one_flow(index: int) -> None:
+        nonlocal exact, connected
+        payload = index.to_bytes(8, "big") + block[8:]
+        client = await connect(lab.client, SERVER_V4, 9090)
+        with client:
+            connected += 1
+            if connected == 1000:
+                everyone_connected.set()
+            await everyone_connected.wait()
+
+            async def send() -> None:
+                await send_all(client, payload)
+                client.shutdown(socket.SHUT_WR)
+
+            async with trio.open_nursery() as both_ways:
+                both_ways.start_soon(send)
+                if await recv_until_eof(client, limit=len(payload)) == payload:
+                    exact += 1
+
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090, backlog=2048)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(180):
+            async with trio.open_nursery() as clients:
+                for index in range(1000):
+                    clients.start_soon(one_flow, index)
+        nursery.cancel_scope.cancel()
+    assert exact == 1000
+    assert cli_proxy.stop() == 0
+
+
+# --- privileges and input -------------------------------------------------------------------
+
+
+def test_without_cap_net_admin_it_says_so_in_one_line(lab: Lab, cli_proxy: CliProxy) -> None:
+    no_capabilities = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
+    done = subprocess.run(
+        lab.proxy.exec_argv([*no_capabilities, *uproxy_command(), "serve"]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("uproxy: error: ")
+    assert "CAP_NET_ADMIN" in lines[-1]
+    assert "Traceback" not in done.stderr
+
+
+async def test_user_option_drops_to_that_user_with_net_admin_only(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    cli_proxy.start("--user", "nobody")
+    assert cli_proxy.status("Uid").split() == ["65534"] * 4
+    assert int(cli_proxy.status("CapEff"), 16) == 1 << 12  # CAP_NET_ADMIN, nothing else
+    assert int(cli_proxy.status("CapPrm"), 16) == 1 << 12
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(10):
+            client = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(client, b"still transparent")
+            client.close()
+        nursery.cancel_scope.cancel()
+    assert cli_proxy.stop() == 0
+    assert "running as nobody with CAP_NET_ADMIN only" in cli_proxy.log
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--user", "no-such-user-here"], "no such user 'no-such-user-here'"),
+        (["--group", "nogroup"], "--group needs --user"),
+        (["--max-flows", "0"], "'--max-flows'"),
+        (["--grace", "-1"], "'--grace'"),
+    ],
+)
+def test_bad_lifecycle_options_are_usage_errors(lab: Lab, args: list[str], message: str) -> None:
+    done = subprocess.run(
+        lab.proxy.exec_argv([*uproxy_command(), "serve", *args]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert message in done.stderr
