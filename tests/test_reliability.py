@@ -201,6 +201,32 @@ async def test_running_out_of_descriptors_backs_off_and_recovers(
     assert cli_proxy.stop() == 0
 
 
+async def test_no_descriptor_for_the_outgoing_socket_resets_that_client_only(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    cli_proxy.start()
+    spare = cli_proxy.open_fds() + 1  # room to accept, none to connect out
+    roomy = spare + 64
+    subprocess.run(["prlimit", f"--pid={cli_proxy.pid}", f"--nofile={spare}:{roomy}"], check=True)
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(20):
+            starved = await connect(lab.client, SERVER_V4, 9090)
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(starved)
+            starved.close()
+            cli_proxy.wait_for_log("failed: emfile; resetting client")
+            subprocess.run(
+                ["prlimit", f"--pid={cli_proxy.pid}", f"--nofile={roomy}:{roomy}"], check=True
+            )
+            fine = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(fine)
+            fine.close()
+        nursery.cancel_scope.cancel()
+    assert cli_proxy.stop() == 0
+
+
 async def test_a_four_tuple_collision_resets_only_that_client(inside_proxy: Lab) -> None:
     lab = inside_proxy
     events = EventLog()
