@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,26 @@ async def listen(
 
 async def connect(ns: Namespace, host: str, port: int) -> trio.socket.SocketType:
     sock = trio.socket.from_stdlib_socket(ns.socket(family_of(host)))
-    await sock.connect((host, port))
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
     return sock
+
+
+async def connect_expecting_reset(ns: Namespace, host: str, port: int) -> None:
+    """Connect through the proxy and read until it resets us.
+
+    The proxy completes the handshake and then resets; when the RST lands before the
+    connecting task has looked, connect() itself reports it. Either way is the reset.
+    """
+    try:
+        client = await connect(ns, host, port)
+    except ConnectionResetError:
+        return
+    with client, pytest.raises(ConnectionResetError):
+        await recv_until_eof(client)
 
 
 async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
@@ -204,6 +223,12 @@ class CliProxy:
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def open_sockets(self) -> int:
+        return descriptors(self.pid)["socket"]
+
+    def open_pipes(self) -> int:
+        return descriptors(self.pid)["pipe"]
+
     def status(self, field: str) -> str:
         """A field of /proc/PID/status, such as ``VmRSS`` or ``CapEff``."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -248,5 +273,15 @@ class CliProxy:
         return self.returncode
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def descriptors(pid: int | str = "self") -> Counter[str]:
+    """A process's open descriptors by kind: ``socket``, ``pipe`` (splice's pool keeps a few
+    for reuse), ``other``."""
+    kinds: Counter[str] = Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue  # closed while we looked
+        kind = target.split(":", 1)[0]
+        kinds[kind if kind in ("socket", "pipe") else "other"] += 1
+    return kinds

@@ -10,9 +10,10 @@ from lab_tools import (
     ADDRESSES,
     EventLog,
     connect,
+    connect_expecting_reset,
+    descriptors,
     echo_server,
     listen,
-    open_fds,
     recv_exactly,
     recv_until_eof,
     reset_close,
@@ -148,10 +149,7 @@ async def test_upstream_failure_resets_the_client(
 ) -> None:
     lab = inside_proxy
     with trio.fail_after(10):
-        client = await connect(lab.client, destination, port)
-        with pytest.raises(ConnectionResetError):
-            await recv_until_eof(client)
-        client.close()
+        await connect_expecting_reset(lab.client, destination, port)
         (failed,) = await library_proxy.wait_for(UpstreamFailed)
         (closed,) = await library_proxy.wait_for(FlowClosed)
     assert failed.reason == reason
@@ -187,15 +185,15 @@ async def test_every_flow_ends_without_leaking_sockets_or_tasks(inside_proxy: La
         listener = await listen(lab.server, SERVER_V4, 9090)
         await nursery.start(echo_server, listener)
         await nursery.start(run_library_proxy, events, {})
-        baseline = open_fds()
+        baseline = descriptors()["socket"]
 
         async def one_flow(index: int) -> None:
-            client = await connect(lab.client, SERVER_V4, 9092 if index % 5 == 0 else 9090)
+            if index % 5 == 0:  # refused upstream
+                await connect_expecting_reset(lab.client, SERVER_V4, 9092)
+                return
+            client = await connect(lab.client, SERVER_V4, 9090)
             try:
-                if index % 5 == 0:  # refused upstream
-                    with pytest.raises(ConnectionResetError):
-                        await recv_until_eof(client)
-                elif index % 5 == 1:  # client aborts mid-flow
+                if index % 5 == 1:  # client aborts mid-flow
                     await send_all(client, b"abc")
                     await recv_exactly(client, 3)
                     reset_close(client)
@@ -213,7 +211,7 @@ async def test_every_flow_ends_without_leaking_sockets_or_tasks(inside_proxy: La
                     clients.start_soon(one_flow, index)
             await events.wait_for(FlowClosed, 100)
         # Every socket the proxy opened for those flows is closed again.
-        assert open_fds() == baseline
+        assert descriptors()["socket"] == baseline
         reasons = sorted({event.reason for event in events.of_type(FlowClosed)})
         assert reasons == ["client_reset", "closed", "upstream_refused"]
         nursery.cancel_scope.cancel()

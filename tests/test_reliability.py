@@ -16,6 +16,7 @@ from lab_tools import (
     CliProxy,
     EventLog,
     connect,
+    connect_expecting_reset,
     echo_server,
     eventually,
     listen,
@@ -34,6 +35,7 @@ from uproxy_netns import (
     Lab,
 )
 from uproxy_trio import UpstreamFailed
+from uproxy_trio._splice import POOL_KEEP
 from uproxy_trio._transparent import IP_TRANSPARENT
 
 pytestmark = pytest.mark.lab
@@ -277,7 +279,7 @@ async def test_a_peer_killed_mid_transfer_is_noticed_and_cleaned_up(
     lab: Lab, cli_proxy: CliProxy, dying: str
 ) -> None:
     cli_proxy.start("--log-level", "warning")
-    baseline = cli_proxy.open_fds()
+    baseline = cli_proxy.open_sockets()
     namespace = lab.client if dying == "client" else lab.server
     peer_listener = await listen(lab.server, SERVER_V4, 9090) if dying == "client" else None
     process = subprocess.Popen(
@@ -301,7 +303,7 @@ async def test_a_peer_killed_mid_transfer_is_noticed_and_cleaned_up(
                 except ConnectionResetError:
                     pass
             survivor.close()
-            await eventually(lambda: cli_proxy.open_fds() == baseline)
+            await eventually(lambda: cli_proxy.open_sockets() == baseline)
     finally:
         process.kill()
         process.wait()
@@ -316,10 +318,7 @@ async def test_a_flow_to_the_proxys_own_listener_is_refused(
 ) -> None:
     cli_proxy.start(listen=("0.0.0.0:9091", "[::]:9091"))
     with trio.fail_after(10):
-        client = await connect(lab.client, destination, 9091)
-        with pytest.raises(ConnectionResetError):
-            await recv_until_eof(client)
-        client.close()
+        await connect_expecting_reset(lab.client, destination, 9091)
     assert cli_proxy.stop() == 0
     shown = f"[{destination}]:9091" if ":" in destination else f"{destination}:9091"
     assert f"flow 1 refused (self_loop): {shown} is this proxy's own listener" in cli_proxy.log
@@ -338,7 +337,7 @@ async def test_thousands_of_short_flows_leave_no_descriptor_behind(
     lab: Lab, cli_proxy: CliProxy
 ) -> None:
     cli_proxy.start("--log-level", "warning")
-    baseline = cli_proxy.open_fds()
+    baseline = cli_proxy.open_sockets()
     done = 0
 
     async def short_flows(count: int) -> None:
@@ -360,7 +359,8 @@ async def test_thousands_of_short_flows_leave_no_descriptor_behind(
                     clients.start_soon(short_flows, 50)
         nursery.cancel_scope.cancel()
     assert done == 2000
-    await eventually(lambda: cli_proxy.open_fds() == baseline)
+    await eventually(lambda: cli_proxy.open_sockets() == baseline)
+    assert cli_proxy.open_pipes() <= 2 * POOL_KEEP
     assert cli_proxy.stop() == 0
 
 

@@ -16,6 +16,7 @@ import trio
 from lab_tools import CliProxy, connect, echo_server, eventually, listen, recv_exactly, send_all
 
 from uproxy_netns import SERVER_V4, SERVER_V6, Lab
+from uproxy_trio._splice import POOL_KEEP
 
 pytestmark = pytest.mark.lab
 
@@ -29,7 +30,7 @@ RSS_TOLERANCE_KIB = 4096
 
 async def test_soak(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start("--log-level", "warning")
-    fds_at_start = cli_proxy.open_fds()
+    fds_at_start = cli_proxy.open_sockets()
     rss_at_start = cli_proxy.rss_kib()
     counts = {"bulk": 0, "short": 0, "idle": 0}
     rss_after_warmup = 0
@@ -94,17 +95,20 @@ async def test_soak(lab: Lab, cli_proxy: CliProxy) -> None:
                 sock.close()
         nursery.cancel_scope.cancel()
     rss_at_end = cli_proxy.rss_kib()
-    await eventually(lambda: cli_proxy.open_fds() == fds_at_start)
-    fds_at_end = cli_proxy.open_fds()
+    await eventually(lambda: cli_proxy.open_sockets() == fds_at_start)
+    fds_at_end = cli_proxy.open_sockets()
+    pipes = cli_proxy.open_pipes()
     print(
         f"\nsoak {SOAK_SECONDS:.0f}s: flows bulk={counts['bulk']} short={counts['short']} "
-        f"idle={counts['idle']} errors=0 fds {fds_at_start}->{fds_at_end} "
+        f"idle={counts['idle']} errors=0 sockets {fds_at_start}->{fds_at_end} "
+        f"pooled-pipe-fds {pipes} "
         f"rss {rss_at_start}->{rss_after_warmup}->{rss_at_end} KiB"
     )
     assert counts["bulk"] >= 2
     assert counts["short"] >= 100
     assert counts["idle"] == IDLE_FLOWS
     assert rss_at_end - rss_after_warmup <= RSS_TOLERANCE_KIB
+    assert pipes <= 2 * POOL_KEEP
     assert "ERROR" not in cli_proxy.log
     assert "Traceback" not in cli_proxy.log
     assert cli_proxy.stop() == 0

@@ -35,6 +35,7 @@ from ._events import (
 )
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, build_chain, chain_for
+from ._splice import SPLICE_AVAILABLE, PipePool, SourceGone, SpliceFailed, splice_burst
 from ._transparent import (
     ConnectFailed,
     connect_transparent,
@@ -49,9 +50,12 @@ from ._transparent import (
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_S = 0.1
 
-# One read per direction at most is held in memory. 64 KiB matches the default socket buffers
-# well enough that a bulk transfer needs few reads.
+# One read per direction at most is held in memory. A read that fills all 64 KiB means bulk
+# data, which then moves by splice(2) instead (see _copy).
 READ_SIZE = 65536
+
+# A splice burst smaller than this means the bulk is over: back to recv/send.
+SPLICE_MIN_BURST = 16384
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
@@ -122,6 +126,7 @@ class Proxy:
         self._draining = False
         self._drained = trio.Event()
         self._started = False
+        self._pipes = PipePool() if SPLICE_AVAILABLE else None
 
     @property
     def active_flows(self) -> int:
@@ -146,26 +151,30 @@ class Proxy:
         if self._started:
             raise RuntimeError("a Proxy serves once; make a new one")
         self._started = True
-        with ExitStack() as listeners_open:
-            # Held here so that a failure to bind the third listener closes the first two.
-            listeners: list[trio.socket.SocketType] = []
-            for address in listen:
-                listener = await open_transparent_listener(address)
-                listeners_open.callback(listener.close)
-                listeners.append(listener)
-            self._listening = [from_sockaddr(sock.getsockname()) for sock in listeners]
-            for address in self._listening:
-                LOGGER.info("listening on %s", format_address(address))
-            async with trio.open_nursery() as flows:
-                self._flows_scope = flows.cancel_scope
-                with self._accepting:
-                    async with trio.open_nursery() as acceptors:
-                        for listener in listeners:
-                            acceptors.start_soon(self._accept_loop, listener, flows)
-                        task_status.started(self.addresses)
-                # Draining: close the listeners at once, so new flows are no longer taken
-                # (the kernel refuses them), while the flows in flight go on.
-                listeners_open.close()
+        try:
+            with ExitStack() as listeners_open:
+                # Held here so that a failure to bind the third listener closes the first two.
+                listeners: list[trio.socket.SocketType] = []
+                for address in listen:
+                    listener = await open_transparent_listener(address)
+                    listeners_open.callback(listener.close)
+                    listeners.append(listener)
+                self._listening = [from_sockaddr(sock.getsockname()) for sock in listeners]
+                for address in self._listening:
+                    LOGGER.info("listening on %s", format_address(address))
+                async with trio.open_nursery() as flows:
+                    self._flows_scope = flows.cancel_scope
+                    with self._accepting:
+                        async with trio.open_nursery() as acceptors:
+                            for listener in listeners:
+                                acceptors.start_soon(self._accept_loop, listener, flows)
+                            task_status.started(self.addresses)
+                    # Draining: close the listeners at once, so new flows are no longer taken
+                    # (the kernel refuses them), while the flows in flight go on.
+                    listeners_open.close()
+        finally:
+            if self._pipes is not None:
+                self._pipes.close()
 
     async def drain(self, grace: float) -> int:
         """Stop taking flows, give those in flight ``grace`` seconds, then reset the rest.
@@ -271,7 +280,9 @@ class Proxy:
                         sink: trio.socket.SocketType,
                     ) -> None:
                         chain = chain_for(self._interceptors, direction)
-                        end = await _relay(flow, direction, source, sink, chain, counts[direction])
+                        end = await _relay(
+                            flow, direction, source, sink, chain, counts[direction], self._pipes
+                        )
                         if end.kind is EndKind.EOF:
                             emit(HalfClosed(flow, direction.source))
                         elif end.kind is EndKind.INTERCEPTOR_FAILED and end.error is not None:
@@ -354,12 +365,13 @@ async def _relay(
     sink: trio.socket.SocketType,
     chain: Sequence[Interceptor],
     counts: _Counts,
+    pipes: PipePool | None,
 ) -> DirectionEnd:
     """Move one direction until its source's EOF, then pass the EOF on as a FIN."""
     if chain:
         kind, error = await _copy_intercepted(flow, direction, source, sink, chain, counts)
     else:
-        kind, error = await _copy(source, sink, counts), None
+        kind, error = await _copy(source, sink, counts, pipes), None
     if kind is EndKind.EOF:
         try:
             sink.shutdown(socket.SHUT_WR)
@@ -369,9 +381,49 @@ async def _relay(
 
 
 async def _copy(
-    source: trio.socket.SocketType, sink: trio.socket.SocketType, counts: _Counts
+    source: trio.socket.SocketType,
+    sink: trio.socket.SocketType,
+    counts: _Counts,
+    pipes: PipePool | None,
 ) -> EndKind:
+    """Copy without interceptors, choosing the path per read like HAProxy's splice-auto.
+
+    Small reads (requests, responses, keystrokes) go through recv/send: two system calls and
+    no pipe. Once a read fills the whole buffer the flow is moving bulk data, and it switches
+    to splice(2), where the bytes never enter Python; when a burst turns small again, it
+    switches back.
+    """
+    splicing = False
     while True:
+        if splicing and pipes is not None:
+            await trio.lowlevel.wait_readable(source)
+            try:
+                pipe = pipes.take()
+            except OSError:
+                splicing = False  # no descriptor for a pipe right now: copy this read
+                continue
+            try:
+                moved, eof = await splice_burst(source, sink, pipe)
+            except SpliceFailed as failure:
+                pipe.close()
+                counts.written += failure.moved
+                if failure.unsupported:
+                    pipes = None
+                    continue
+                return (
+                    EndKind.SOURCE_RESET if isinstance(failure, SourceGone) else EndKind.SINK_RESET
+                )
+            except BaseException:
+                pipe.close()  # cancelled mid-burst: the pipe may still hold bytes
+                raise
+            pipes.give_back(pipe)
+            counts.written += moved
+            if moved:
+                counts.last_read = trio.current_time()
+            if eof:
+                return EndKind.EOF
+            splicing = moved >= SPLICE_MIN_BURST
+            continue
         try:
             data = await source.recv(READ_SIZE)
         except OSError:
@@ -381,6 +433,7 @@ async def _copy(
         counts.last_read = trio.current_time()
         if not await _send_all(sink, data, counts):
             return EndKind.SINK_RESET
+        splicing = len(data) == READ_SIZE
 
 
 async def _copy_intercepted(
