@@ -15,6 +15,7 @@ from uproxy_trio import Address, Interceptor, TransparencyUnavailable, parse_add
 from uproxy_trio.interceptors import label as label_interceptor
 
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
+from ._rules import rules
 from ._serve import run_proxy, run_unwrapped
 from ._spec import SpecError, load_interceptor
 
@@ -139,6 +140,9 @@ def serve(
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             raise CommandError(str(exc.strerror or exc)) from None
         raise
+
+
+app.command()(rules)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
