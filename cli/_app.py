@@ -14,7 +14,9 @@ import uproxy_trio
 from uproxy_trio import Address, Interceptor, TransparencyUnavailable, parse_address
 from uproxy_trio.interceptors import label as label_interceptor
 
+from ._demo import demo
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
+from ._lab import lab_app
 from ._rules import rules
 from ._serve import run_proxy, run_unwrapped
 from ._spec import SpecError, load_interceptor
@@ -143,6 +145,8 @@ def serve(
 
 
 app.command()(rules)
+app.add_typer(lab_app)
+app.command()(demo)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
