@@ -14,6 +14,7 @@ import uproxy_trio
 from uproxy_trio import Address, Interceptor, TransparencyUnavailable, parse_address
 from uproxy_trio.interceptors import label as label_interceptor
 
+from ._check import check
 from ._demo import demo
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
 from ._lab import lab_app
@@ -147,6 +148,7 @@ def serve(
 app.command()(rules)
 app.add_typer(lab_app)
 app.command()(demo)
+app.command()(check)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """The three-host lab for uproxy-trio: client, proxy and server network namespaces."""
 
-from ._install import apply_setup, remove_setup
+from ._install import apply_setup, has_local_route, has_policy_rule, remove_setup
 from ._lab import (
     CLIENT_V4,
     CLIENT_V6,
@@ -33,6 +33,8 @@ __all__ = [
     "PortRange",
     "TproxySetup",
     "apply_setup",
+    "has_local_route",
+    "has_policy_rule",
     "kept_labs",
     "merge_port_ranges",
     "parse_port_range",

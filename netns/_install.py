@@ -42,28 +42,30 @@ def remove_setup(setup: TproxySetup, backend: str) -> None:
             _remove_iptables_chains(_iptables(version))
     for version in setup.versions:
         family = ["-6"] if version == 6 else []
-        if _has_route(setup, version):
+        if has_local_route(setup, version):
             run(["ip", *family, *setup.ip_unbatch(version).splitlines()[1].split()])
-        while _has_rule(setup, version):
+        while has_policy_rule(setup, version):
             run(["ip", *family, *setup.ip_unbatch(version).splitlines()[0].split()])
 
 
 def _ensure_policy_routing(setup: TproxySetup, version: int) -> None:
     family = ["-6"] if version == 6 else []
-    if not _has_rule(setup, version):
+    if not has_policy_rule(setup, version):
         run(["ip", *family, *setup.ip_rule(version).split()])
-    if not _has_route(setup, version):
+    if not has_local_route(setup, version):
         run(["ip", *family, *setup.ip_route(version).split()])
 
 
-def _has_rule(setup: TproxySetup, version: int) -> bool:
+def has_policy_rule(setup: TproxySetup, version: int) -> bool:
+    """Whether the ``fwmark MARK lookup TABLE`` rule of ``setup`` is there (``ip rule``)."""
     return any(
         rule.get("fwmark") == hex(setup.mark) and rule.get("table") == str(setup.table)
         for rule in _ip_json(version, ["rule", "show"])
     )
 
 
-def _has_route(setup: TproxySetup, version: int) -> bool:
+def has_local_route(setup: TproxySetup, version: int) -> bool:
+    """Whether ``setup``'s table routes every address to ``lo`` as local."""
     return any(
         route.get("type") == "local" and route.get("dst") == "default" and route.get("dev") == "lo"
         for route in _ip_json(version, ["route", "show", "table", str(setup.table)])
