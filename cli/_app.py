@@ -17,6 +17,7 @@ from uproxy_trio.interceptors import label as label_interceptor
 from ._check import check
 from ._demo import demo
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
+from ._help import help_of
 from ._lab import lab_app
 from ._rules import rules
 from ._serve import run_proxy, run_unwrapped
@@ -66,7 +67,6 @@ def _root(
     """A transparent TCP proxy for Linux TPROXY rules, with interceptors on Trio."""
 
 
-@app.command()
 def serve(
     listen: Annotated[
         list[str] | None,
@@ -119,8 +119,10 @@ def serve(
 ) -> None:
     """Relay TPROXY'd flows from the client's own address to their original destination.
 
-    Example, behind the rules in the README: uproxy serve --listen 127.0.0.1:9091 --listen
-    [::1]:9091 --label '<via uproxy>'
+    \b
+    Examples, behind the rules `uproxy rules --apply` puts in place:
+      uproxy serve --listen 127.0.0.1:9091 --listen [::1]:9091 --label '<via uproxy>'
+      UPROXY_LISTEN=127.0.0.1:9091 uproxy serve -i my_interceptors.py:shout
     """
     if log_level.lower() not in LOG_LEVELS:
         raise typer.BadParameter(
@@ -145,10 +147,9 @@ def serve(
         raise
 
 
-app.command()(rules)
+for command in (serve, rules, check, demo):
+    app.command(help=help_of(command))(command)
 app.add_typer(lab_app)
-app.command()(demo)
-app.command()(check)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

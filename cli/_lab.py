@@ -26,6 +26,7 @@ from uproxy_netns import (
 )
 
 from ._errors import CommandError
+from ._help import help_of
 
 lab_app = typer.Typer(
     name="lab",
@@ -63,7 +64,6 @@ def how_to_use(lab: Lab) -> str:
     )
 
 
-@lab_app.command()
 def up() -> None:
     """Build a lab that outlives this command and print how to use it.
 
@@ -80,7 +80,6 @@ def up() -> None:
     typer.echo(how_to_use(lab))
 
 
-@lab_app.command()
 def down(
     name: Annotated[
         str | None,
@@ -109,7 +108,6 @@ def down(
         raise CommandError(str(exc)) from None
 
 
-@lab_app.command()
 def status() -> None:
     """List the kept labs that are up, one name a line.
 
@@ -119,3 +117,7 @@ def status() -> None:
     """
     for tag in kept_labs():
         typer.echo(tag)
+
+
+for _command in (up, down, status):
+    lab_app.command(help=help_of(_command))(_command)
