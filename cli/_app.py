@@ -14,8 +14,13 @@ import uproxy_trio
 from uproxy_trio import Address, Interceptor, Proxy, TransparencyUnavailable, parse_address
 from uproxy_trio.interceptors import label as label_interceptor
 
+from ._check import check
+from ._demo import demo
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
+from ._help import help_of
+from ._lab import lab_app
 from ._privileges import drop_to, resolve_identity
+from ._rules import rules
 from ._serve import LOGGER, raise_fd_limit, run_proxy, run_unwrapped
 from ._spec import SpecError, load_interceptor
 
@@ -63,7 +68,6 @@ def _root(
     """A transparent TCP proxy for Linux TPROXY rules, with interceptors on Trio."""
 
 
-@app.command()
 def serve(
     listen: Annotated[
         list[str] | None,
@@ -164,8 +168,10 @@ def serve(
 ) -> int:
     """Relay TPROXY'd flows from the client's own address to their original destination.
 
-    Example, behind the rules in the README: uproxy serve --listen 127.0.0.1:9091 --listen
-    [::1]:9091 --label '<via uproxy>'
+    \b
+    Examples, behind the rules `uproxy rules --apply` puts in place:
+      uproxy serve --listen 127.0.0.1:9091 --listen [::1]:9091 --label '<via uproxy>'
+      UPROXY_LISTEN=127.0.0.1:9091 uproxy serve -i my_interceptors.py:shout
 
     Exit status after SIGTERM/SIGINT: 0 when every flow finished within --grace, 1 when some
     had to be reset.
@@ -215,6 +221,11 @@ def serve(
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             raise CommandError(str(exc.strerror or exc)) from None
         raise
+
+
+for command in (serve, rules, check, demo):
+    app.command(help=help_of(command))(command)
+app.add_typer(lab_app)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """The three-host lab for uproxy-trio: client, proxy and server network namespaces."""
 
+from ._install import apply_setup, has_local_route, has_policy_rule, remove_setup
 from ._lab import (
     CLIENT_V4,
     CLIENT_V6,
@@ -10,12 +11,14 @@ from ._lab import (
     SERVER_V4,
     SERVER_V6,
     Lab,
+    kept_labs,
     sweep_stale_labs,
 )
 from ._namespace import LabError, Namespace
-from ._rules import TproxySetup
+from ._rules import BACKENDS, PortRange, TproxySetup, merge_port_ranges, parse_port_range
 
 __all__ = [
+    "BACKENDS",
     "CLIENT_V4",
     "CLIENT_V6",
     "PROXY_CLIENT_SIDE_V4",
@@ -27,6 +30,14 @@ __all__ = [
     "Lab",
     "LabError",
     "Namespace",
+    "PortRange",
     "TproxySetup",
+    "apply_setup",
+    "has_local_route",
+    "has_policy_rule",
+    "kept_labs",
+    "merge_port_ranges",
+    "parse_port_range",
+    "remove_setup",
     "sweep_stale_labs",
 ]

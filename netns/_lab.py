@@ -37,6 +37,8 @@ SERVER_V6 = "2001:db8:2::2"
 _OWNED_PREFIX = "upx"
 _KEPT_PREFIX = "upxlab"
 
+_ROLES = ("client", "proxy", "server")
+
 # The seed's rules: port 9090 intercepted, delivered to port 9091.
 SEED_TPROXY = TproxySetup()
 
@@ -67,9 +69,7 @@ class Lab:
     def __init__(self, tag: str, tproxy: TproxySetup | None) -> None:
         self.tag = tag
         self.tproxy = tproxy
-        self.client = Namespace(f"{tag}-client")
-        self.proxy = Namespace(f"{tag}-proxy")
-        self.server = Namespace(f"{tag}-server")
+        self.client, self.proxy, self.server = (Namespace(f"{tag}-{role}") for role in _ROLES)
 
     @classmethod
     def owned(cls, tproxy: TproxySetup | None = SEED_TPROXY) -> Lab:
@@ -83,6 +83,14 @@ class Lab:
     def kept(cls, tproxy: TproxySetup | None = SEED_TPROXY) -> Lab:
         """A lab meant to stay up after this process exits (``uproxy lab up``)."""
         return cls(f"{_KEPT_PREFIX}-{secrets.token_hex(2)}", tproxy)
+
+    @classmethod
+    def existing_kept(cls, tag: str) -> Lab:
+        """The kept lab ``tag`` (as ``kept_labs`` lists it), to take down; ``LabError`` if
+        there is none by that name."""
+        if tag not in kept_labs():
+            raise LabError(f"no lab named {tag!r} is up (uproxy lab status lists them)")
+        return cls(tag, None)
 
     @property
     def namespaces(self) -> tuple[Namespace, Namespace, Namespace]:
@@ -183,6 +191,24 @@ class Lab:
         self.proxy.ip(self.tproxy.ip_unbatch(4))
         self.proxy.ip(self.tproxy.ip_unbatch(6), ipv6=True)
         self.tproxy = None
+
+
+def kept_labs() -> list[str]:
+    """Tags of the labs ``Lab.kept()`` made that are still up, oldest name first.
+
+    The namespace names are the whole record: a lab is a tag with any of its three
+    namespaces still present, so nothing outside the namespaces has to be kept in step.
+    """
+    try:
+        names = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return []
+    tags = {
+        name.rsplit("-", 1)[0]
+        for name in names
+        if name.startswith(f"{_KEPT_PREFIX}-") and name.rsplit("-", 1)[-1] in _ROLES
+    }
+    return sorted(tags)
 
 
 def sweep_stale_labs() -> list[str]:

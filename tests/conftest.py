@@ -32,8 +32,7 @@ def _lab_unavailable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def lab() -> Iterator[Lab]:
+def _build_lab(tproxy: TproxySetup | None) -> Lab:
     reason = _lab_unavailable()
     if reason is not None:
         if os.environ.get("CI"):
@@ -41,12 +40,29 @@ def lab() -> Iterator[Lab]:
         pytest.skip(reason)
     sweep_stale_labs()
     try:
-        built = Lab.owned(TproxySetup(ports=LAB_PORTS, listen_port=PROXY_PORT))
+        built = Lab.owned(tproxy)
         built.up()
     except LabError as exc:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"cannot build the lab here: {exc}")
+    return built
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    built = _build_lab(TproxySetup(ports=LAB_PORTS, listen_port=PROXY_PORT))
+    try:
+        yield built
+    finally:
+        built.down()
+
+
+@pytest.fixture
+def plain_lab() -> Iterator[Lab]:
+    """A lab of its own whose proxy host is a plain router: no TPROXY rules, no policy
+    routing, for tests that put their own set-up there."""
+    built = _build_lab(None)
     try:
         yield built
     finally:

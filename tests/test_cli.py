@@ -91,3 +91,37 @@ def test_interceptor_of_the_wrong_kind_is_refused_before_binding(tmp_path: Path)
     assert done.returncode == 2
     assert "loading failed: SyntaxError" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "env_vars"),
+    [
+        (["serve"], ["UPROXY_LISTEN", "UPROXY_CONNECT_TIMEOUT", "UPROXY_LOG_LEVEL"]),
+        (["rules"], ["UPROXY_BACKEND", "UPROXY_PORT", "UPROXY_LISTEN", "UPROXY_MARK"]),
+        (["check"], ["UPROXY_LISTEN", "UPROXY_MARK", "UPROXY_TABLE"]),
+        (["demo"], ["UPROXY_DEMO_WAIT"]),
+        (["lab", "up"], []),
+        (["lab", "down"], []),
+        (["lab", "status"], []),
+    ],
+)
+def test_every_command_has_help_with_an_example(command: list[str], env_vars: list[str]) -> None:
+    done = run_uproxy(*command, "--help")
+    assert done.returncode == 0
+    assert "Example" in done.stdout
+    assert f"uproxy {' '.join(command)}" in done.stdout
+    for name in env_vars:
+        assert name in done.stdout
+
+
+def test_rules_options_come_from_the_environment() -> None:
+    done = subprocess.run(
+        [*uproxy_command(), "rules"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"UPROXY_BACKEND": "iptables", "UPROXY_PORT": "8080", "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "-A UPROXY_PREROUTING -i ens6 -p tcp --dport 8080 " in done.stdout

@@ -1,0 +1,237 @@
+"""``uproxy check``: is this host ready to run the proxy behind TPROXY rules?
+
+Each check looks at the host as the kernel will see it (a throwaway nft transaction that is
+validated and never committed, a real setsockopt, the live routing policy and rulesets), and
+every miss comes with the one command that fixes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import re
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from uproxy_netns import TproxySetup, has_local_route, has_policy_rule
+from uproxy_trio import format_address
+
+from ._rules import DEFAULT_LISTEN, InInterface, Listen, Mark, OutInterface, Table, build_setup
+
+# <linux/in.h>; Python's socket module does not name it.
+IP_TRANSPARENT = 19
+
+# `nft --check` sends this to the kernel, which validates every expression (loading the
+# modules it needs) and then throws the transaction away: nothing is ever installed.
+_KERNEL_PROBE = """\
+table inet uproxy_check {
+    chain probe {
+        type filter hook prerouting priority mangle; policy accept;
+        socket transparent 1 accept
+        meta nfproto ipv4 tcp dport 9 tproxy ip to 127.0.0.1:9
+        meta nfproto ipv6 tcp dport 9 tproxy ip6 to [::1]:9
+    }
+}
+"""
+
+# rp_filter: 0 off, 1 strict, 2 loose. The kernel applies the larger of `all` and the
+# interface's own value.
+_STRICT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    what: str
+    ok: bool
+    fix: str = ""
+    detail: str = ""
+
+
+def _run(argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(list(argv), input=input, capture_output=True, text=True)
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(list(argv), 127, "", f"{argv[0]} is not installed")
+
+
+def check_kernel() -> Check:
+    what = "kernel: TPROXY and socket matching (nft_tproxy, nft_socket)"
+    done = _run(["nft", "--check", "-f", "-"], input=_KERNEL_PROBE)
+    if done.returncode == 0:
+        return Check(what, True)
+    if done.returncode == 127:
+        return Check(what, False, "apt-get install nftables", "nft is not installed")
+    first = (done.stderr.strip().splitlines() or ["refused"])[0]
+    return Check(what, False, "modprobe -a nft_tproxy nft_socket xt_TPROXY xt_socket", first)
+
+
+def check_transparent() -> Check:
+    what = "IP_TRANSPARENT can be set (CAP_NET_ADMIN)"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EACCES):
+                raise
+            return Check(
+                what,
+                False,
+                "run as root, or give uproxy CAP_NET_ADMIN "
+                "(systemd: AmbientCapabilities=CAP_NET_ADMIN)",
+                "setsockopt refused: operation not permitted",
+            )
+    return Check(what, True)
+
+
+def check_policy_routing(setup: TproxySetup, version: int) -> list[Check]:
+    ip = "ip" if version == 4 else "ip -6"
+    rule, route = setup.ip_rule(version), setup.ip_route(version)
+    return [
+        Check(
+            f"{ip} {rule.replace('rule add', 'rule')} (IPv{version})",
+            has_policy_rule(setup, version),
+            f"{ip} {rule}",
+        ),
+        Check(
+            f"{ip} {route.replace('route add', 'route')} (IPv{version})",
+            has_local_route(setup, version),
+            f"{ip} {route}",
+        ),
+    ]
+
+
+def _tproxy_targets() -> set[tuple[str, int]]:
+    """Every (on-ip, on-port) a TPROXY rule delivers to, in nft and in iptables."""
+    targets: set[tuple[str, int]] = set()
+    nft = _run(["nft", "list", "ruleset"]).stdout
+    for pattern in (r"tproxy ip to ([0-9.]+):(\d+)", r"tproxy ip6 to \[([0-9a-fA-F:.]+)\]:(\d+)"):
+        for host, port in re.findall(pattern, nft):
+            targets.add((_normal(host), int(port)))
+    for tool in ("iptables-save", "ip6tables-save"):
+        for line in _run([tool, "-t", "mangle"]).stdout.splitlines():
+            if "-j TPROXY" in line:
+                ip_match = re.search(r"--on-ip (\S+)", line)
+                port_match = re.search(r"--on-port (\d+)", line)
+                if ip_match and port_match:
+                    targets.add((_normal(ip_match.group(1)), int(port_match.group(1))))
+    return targets
+
+
+def _normal(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def check_rules(setup: TproxySetup, listen: Sequence[str]) -> list[Check]:
+    targets = _tproxy_targets()
+    checks = []
+    for version in setup.versions:
+        host, port = setup.listener(version)
+        checks.append(
+            Check(
+                f"a TPROXY rule delivers to {format_address((host, port))}",
+                (host, port) in targets,
+                "uproxy rules " + " ".join(f"--listen {value}" for value in listen) + " --apply",
+            )
+        )
+    return checks
+
+
+def _sysctl(path: str) -> int | None:
+    try:
+        return int(Path("/proc/sys", path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def check_forwarding(version: int) -> Check:
+    key = "net.ipv4.ip_forward" if version == 4 else "net.ipv6.conf.all.forwarding"
+    return Check(
+        f"forwarding is on ({key})",
+        _sysctl(key.replace(".", "/")) == 1,
+        f"sysctl -w {key}=1",
+    )
+
+
+def check_rp_filter(interfaces: Sequence[str]) -> Check:
+    present = [name for name in interfaces if Path("/proc/sys/net/ipv4/conf", name).is_dir()]
+    if not present:
+        present = sorted(
+            path.name
+            for path in Path("/proc/sys/net/ipv4/conf").iterdir()
+            if path.name not in ("all", "default", "lo")
+        )
+    all_value = _sysctl("net/ipv4/conf/all/rp_filter") or 0
+    strict = [
+        name
+        for name in present
+        if max(all_value, _sysctl(f"net/ipv4/conf/{name}/rp_filter") or 0) == _STRICT
+    ]
+    keys = ["all", *strict] if all_value == _STRICT else strict
+    return Check(
+        "reverse-path filter is not strict on " + (", ".join(present) or "any interface"),
+        not strict,
+        "sysctl -w " + " ".join(f"net.ipv4.conf.{key}.rp_filter=2" for key in keys),
+        "strict rp_filter drops intercepted packets whose source routes back another way",
+    )
+
+
+def run_checks(setup: TproxySetup, listen: Sequence[str]) -> list[Check]:
+    checks = [check_kernel(), check_transparent()]
+    for version in setup.versions:
+        checks += check_policy_routing(setup, version)
+    checks += check_rules(setup, listen)
+    checks += [check_forwarding(version) for version in setup.versions]
+    if 4 in setup.versions:
+        checks.append(check_rp_filter([setup.in_interface, setup.out_interface]))
+    return checks
+
+
+def check(
+    listen: Listen = None,
+    mark: Mark = 1,
+    table: Table = 100,
+    in_interface: InInterface = "ens6",
+    out_interface: OutInterface = "ens7",
+) -> None:
+    """Check that this host is ready for `uproxy serve` behind TPROXY rules.
+
+    Looks at: kernel support for TPROXY and socket matching, the right to set
+    IP_TRANSPARENT, the fwmark ip rule and the local route of the routing table, TPROXY
+    rules that deliver to each --listen address, forwarding, and strict reverse-path
+    filtering. Prints a checklist with a fix for each miss; exits 0 when everything is in
+    place, 1 otherwise.
+
+    \b
+    Examples:
+      uproxy check --listen 127.0.0.1:9091 --listen [::1]:9091
+      ip netns exec upxlab-1a2b-proxy uproxy check
+    """
+    values = listen or [DEFAULT_LISTEN]
+    setup = build_setup(
+        in_interface=in_interface,
+        out_interface=out_interface,
+        ports=["9090"],
+        listen=values,
+        mark=mark,
+        table=table,
+    )
+    checks = run_checks(setup, values)
+    for item in checks:
+        typer.echo(f"{'ok  ' if item.ok else 'MISS'}  {item.what}")
+        if not item.ok:
+            if item.detail:
+                typer.echo(f"      ({item.detail})")
+            typer.echo(f"      fix: {item.fix}")
+    missed = sum(not item.ok for item in checks)
+    if missed:
+        typer.echo(f"{missed} of {len(checks)} checks missed")
+        raise typer.Exit(1)
+    typer.echo(f"all {len(checks)} checks passed")
