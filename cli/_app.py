@@ -23,6 +23,7 @@ from ._privileges import drop_to, resolve_identity
 from ._rules import rules
 from ._serve import LOGGER, raise_fd_limit, run_proxy, run_unwrapped
 from ._spec import SpecError, load_interceptor
+from ._workers import Supervisor, cpu_count, report_ready, worker_label
 
 app = typer.Typer(
     name="uproxy",
@@ -50,6 +51,16 @@ def _load_interceptors(specs: Sequence[str]) -> list[Interceptor]:
         return [load_interceptor(spec) for spec in specs]
     except SpecError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--interceptor'") from None
+
+
+def _parse_workers(value: str) -> int:
+    if value == "auto":
+        return cpu_count()
+    if not value.isdigit() or int(value) < 1:
+        raise typer.BadParameter(
+            f"{value!r} is not a number of workers (1 or more, or auto)", param_hint="'--workers'"
+        )
+    return int(value)
 
 
 def _version(value: bool) -> None:
@@ -159,6 +170,16 @@ def serve(
             help="With --user: the group to run as. [default: the user's own]",
         ),
     ] = None,
+    workers: Annotated[
+        str,
+        typer.Option(
+            "--workers",
+            metavar="N|auto",
+            envvar="UPROXY_WORKERS",
+            help="Run N proxy processes on the same addresses (SO_REUSEPORT); auto: one per "
+            "CPU. --max-flows is shared out among them.",
+        ),
+    ] = "1",
     log_level: Annotated[
         str,
         typer.Option(
@@ -192,20 +213,41 @@ def serve(
             identity = resolve_identity(user, group)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--user'") from None
+    worker_count = _parse_workers(workers)
+    worker = worker_label()
     logging.basicConfig(
         level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {worker + ' ' if worker else ''}%(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if worker_count > 1 and worker is None:
+        # The parent: every worker is this same command with --workers 1.
+        share = None if max_flows is None else max(1, -(-max_flows // worker_count))
+        worker_args = [
+            "serve",
+            *(arg for address in listen or ["127.0.0.1:9091"] for arg in ("--listen", address)),
+            *("--connect-timeout", repr(connect_timeout), "--grace", repr(grace)),
+            *(["--label", label] if label is not None else []),
+            *(arg for spec in interceptor or [] for arg in ("--interceptor", spec)),
+            *(["--max-flows", str(share)] if share is not None else []),
+            *(["--idle-timeout", repr(idle_timeout)] if idle_timeout is not None else []),
+            *(["--user", user] if user is not None else []),
+            *(["--group", group] if group is not None else []),
+            *("--log-level", log_level, "--workers", "1"),
+        ]
+        supervisor = Supervisor(lambda index: worker_args, worker_count, grace)
+        return run_unwrapped(supervisor.run)
     raise_fd_limit()
     proxy = Proxy(
         interceptors=interceptors,
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
         max_flows=max_flows,
+        reuse_port=worker is not None,
     )
 
     def after_bind() -> None:
+        report_ready()
         if identity is not None:
             try:
                 drop_to(identity)

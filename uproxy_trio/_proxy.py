@@ -109,6 +109,7 @@ class Proxy:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         idle_timeout: float | None = None,
         max_flows: int | None = None,
+        reuse_port: bool = False,
         on_event: EventSink = log_event,
     ) -> None:
         if max_flows is not None and max_flows < 1:
@@ -116,6 +117,7 @@ class Proxy:
         self._interceptors = tuple(interceptors)
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
+        self._reuse_port = reuse_port
         self._slots = trio.Semaphore(max_flows) if max_flows is not None else None
         self._emit = _safe_sink(on_event)
         self._flow_ids = itertools.count(1)
@@ -156,7 +158,7 @@ class Proxy:
                 # Held here so that a failure to bind the third listener closes the first two.
                 listeners: list[trio.socket.SocketType] = []
                 for address in listen:
-                    listener = await open_transparent_listener(address)
+                    listener = await open_transparent_listener(address, reuse_port=self._reuse_port)
                     listeners_open.callback(listener.close)
                     listeners.append(listener)
                 self._listening = [from_sockaddr(sock.getsockname()) for sock in listeners]

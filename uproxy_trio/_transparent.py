@@ -60,10 +60,18 @@ def _transparent_socket(address: Address) -> trio.socket.SocketType:
     return sock
 
 
-async def open_transparent_listener(address: Address) -> trio.socket.SocketType:
-    """Bind and listen on ``address`` so that TPROXY can hand us flows for any destination."""
+async def open_transparent_listener(
+    address: Address, *, reuse_port: bool = False
+) -> trio.socket.SocketType:
+    """Bind and listen on ``address`` so that TPROXY can hand us flows for any destination.
+
+    ``reuse_port`` lets several processes listen on the same address, the kernel spreading
+    new flows across them (SO_REUSEPORT; TPROXY's listener lookup honours it).
+    """
     sock = _transparent_socket(address)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if sock.family == socket.AF_INET6:
             # One listener per family, as trio does: [::] then means IPv6 only, and a user can
             # list 0.0.0.0 beside it without a clash.
