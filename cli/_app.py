@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Annotated
@@ -11,7 +10,7 @@ from typing import Annotated
 import typer
 
 import uproxy_trio
-from uproxy_trio import Address, Interceptor, Proxy, TransparencyUnavailable, parse_address
+from uproxy_trio import Address, Interceptor, TransparencyUnavailable, parse_address
 from uproxy_trio.interceptors import label as label_interceptor
 
 from ._check import check
@@ -19,11 +18,12 @@ from ._demo import demo
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
 from ._help import help_of
 from ._lab import lab_app
-from ._privileges import drop_to, resolve_identity
+from ._logging import LOG_FORMATS
+from ._privileges import resolve_identity
 from ._rules import rules
-from ._serve import LOGGER, raise_fd_limit, run_proxy, run_unwrapped
+from ._serve import ServeOptions, run_serve
 from ._spec import SpecError, load_interceptor
-from ._workers import Supervisor, cpu_count, report_ready, worker_label
+from ._workers import cpu_count
 
 app = typer.Typer(
     name="uproxy",
@@ -61,6 +61,15 @@ def _parse_workers(value: str) -> int:
             f"{value!r} is not a number of workers (1 or more, or auto)", param_hint="'--workers'"
         )
     return int(value)
+
+
+def _parse_metrics(value: str | None) -> Address | None:
+    if value is None:
+        return None
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--metrics'") from None
 
 
 def _version(value: bool) -> None:
@@ -180,12 +189,29 @@ def serve(
             "CPU. --max-flows is shared out among them.",
         ),
     ] = "1",
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            metavar="HOST:PORT",
+            envvar="UPROXY_METRICS",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics.",
+        ),
+    ] = None,
     log_level: Annotated[
         str,
         typer.Option(
             "--log-level", envvar="UPROXY_LOG_LEVEL", help=f"One of {', '.join(LOG_LEVELS)}."
         ),
     ] = "info",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            envvar="UPROXY_LOG_FORMAT",
+            help="text, or json: one object per line (a flow's end is event=flow_close).",
+        ),
+    ] = "text",
 ) -> int:
     """Relay TPROXY'd flows from the client's own address to their original destination.
 
@@ -213,50 +239,30 @@ def serve(
             identity = resolve_identity(user, group)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--user'") from None
-    worker_count = _parse_workers(workers)
-    worker = worker_label()
-    logging.basicConfig(
-        level=log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {worker + ' ' if worker else ''}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if worker_count > 1 and worker is None:
-        # The parent: every worker is this same command with --workers 1.
-        share = None if max_flows is None else max(1, -(-max_flows // worker_count))
-        worker_args = [
-            "serve",
-            *(arg for address in listen or ["127.0.0.1:9091"] for arg in ("--listen", address)),
-            *("--connect-timeout", repr(connect_timeout), "--grace", repr(grace)),
-            *(["--label", label] if label is not None else []),
-            *(arg for spec in interceptor or [] for arg in ("--interceptor", spec)),
-            *(["--max-flows", str(share)] if share is not None else []),
-            *(["--idle-timeout", repr(idle_timeout)] if idle_timeout is not None else []),
-            *(["--user", user] if user is not None else []),
-            *(["--group", group] if group is not None else []),
-            *("--log-level", log_level, "--workers", "1"),
-        ]
-        supervisor = Supervisor(lambda index: worker_args, worker_count, grace)
-        return run_unwrapped(supervisor.run)
-    raise_fd_limit()
-    proxy = Proxy(
+    if log_format not in LOG_FORMATS:
+        raise typer.BadParameter(
+            f"{log_format!r} is not one of {', '.join(LOG_FORMATS)}", param_hint="'--log-format'"
+        )
+    options = ServeOptions(
+        listen=list(listen or ["127.0.0.1:9091"]),
+        addresses=addresses,
+        interceptor_specs=list(interceptor or []),
         interceptors=interceptors,
+        label=label,
         connect_timeout=connect_timeout,
-        idle_timeout=idle_timeout,
+        grace=grace,
         max_flows=max_flows,
-        reuse_port=worker is not None,
+        idle_timeout=idle_timeout,
+        user=user,
+        group=group,
+        identity=identity,
+        workers=_parse_workers(workers),
+        log_level=log_level,
+        log_format=log_format,
+        metrics=_parse_metrics(metrics),
     )
-
-    def after_bind() -> None:
-        report_ready()
-        if identity is not None:
-            try:
-                drop_to(identity)
-            except OSError as exc:
-                raise CommandError(f"cannot run as {identity.user}: {exc.strerror}") from None
-            LOGGER.info("running as %s with CAP_NET_ADMIN only", identity.user)
-
     try:
-        return run_unwrapped(run_proxy, proxy, addresses, grace, after_bind)
+        return run_serve(options)
     except TransparencyUnavailable as exc:
         raise CommandError(str(exc.strerror)) from None
     except OSError as exc:

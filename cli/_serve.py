@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import shutil
 import signal
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import TypeVarTuple
 
 import trio
 
-from uproxy_trio import Address, Proxy, format_address
+from uproxy_trio import (
+    Address,
+    EventSink,
+    FlowEvent,
+    Interceptor,
+    Proxy,
+    format_address,
+    log_event,
+)
+
+from ._errors import CommandError
+from ._logging import setup_logging
+from ._metrics import MULTIPROC_ENV, Metrics, in_multiprocess_mode, serve_metrics
+from ._privileges import Identity, drop_to
+from ._workers import Supervisor, report_ready, worker_label
 
 LOGGER = logging.getLogger("uproxy")
 
@@ -41,6 +60,97 @@ def _only_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None
     return _only_leaf(inner) if isinstance(inner, BaseExceptionGroup) else inner
 
 
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """``uproxy serve``'s options, checked; the texts as given are kept for the workers."""
+
+    listen: list[str]
+    addresses: list[Address]
+    interceptor_specs: list[str]
+    interceptors: list[Interceptor]
+    label: str | None
+    connect_timeout: float
+    grace: float
+    max_flows: int | None
+    idle_timeout: float | None
+    user: str | None
+    group: str | None
+    identity: Identity | None
+    workers: int
+    log_level: str
+    log_format: str
+    metrics: Address | None
+
+
+def run_serve(options: ServeOptions) -> int:
+    """Run the proxy, or with ``--workers`` the supervisor of several; return the exit code."""
+    worker = worker_label()
+    setup_logging(options.log_level, options.log_format, worker)
+    if options.workers > 1 and worker is None:
+        return _run_workers(options)
+    raise_fd_limit()
+    metrics = Metrics() if options.metrics is not None or in_multiprocess_mode() else None
+    proxy = Proxy(
+        interceptors=options.interceptors,
+        connect_timeout=options.connect_timeout,
+        idle_timeout=options.idle_timeout,
+        max_flows=options.max_flows,
+        reuse_port=worker is not None,
+        on_event=log_event if metrics is None else _both(log_event, metrics.on_event),
+    )
+
+    def after_bind() -> None:
+        report_ready()
+        identity = options.identity
+        if identity is not None:
+            try:
+                drop_to(identity)
+            except OSError as exc:
+                raise CommandError(f"cannot run as {identity.user}: {exc.strerror}") from None
+            LOGGER.info("running as %s with CAP_NET_ADMIN only", identity.user)
+
+    # A worker's metrics are served by the parent, which sums every worker's.
+    serve_at = options.metrics if worker is None else None
+    return run_unwrapped(
+        run_proxy, proxy, options.addresses, options.grace, after_bind, metrics, serve_at
+    )
+
+
+def _both(first: EventSink, second: EventSink) -> EventSink:
+    def emit(event: FlowEvent) -> None:
+        first(event)
+        second(event)
+
+    return emit
+
+
+def _run_workers(options: ServeOptions) -> int:
+    """The parent of ``--workers``: every worker is this same command with ``--workers 1``."""
+    count = options.workers
+    max_flows = options.max_flows
+    share = None if max_flows is None else max(1, -(-max_flows // count))
+    worker_args = [
+        "serve",
+        *(arg for address in options.listen for arg in ("--listen", address)),
+        *("--connect-timeout", repr(options.connect_timeout), "--grace", repr(options.grace)),
+        *(["--label", options.label] if options.label is not None else []),
+        *(arg for spec in options.interceptor_specs for arg in ("--interceptor", spec)),
+        *(["--max-flows", str(share)] if share is not None else []),
+        *(["--idle-timeout", repr(options.idle_timeout)] if options.idle_timeout else []),
+        *(["--user", options.user] if options.user is not None else []),
+        *(["--group", options.group] if options.group is not None else []),
+        *("--log-level", options.log_level, "--log-format", options.log_format),
+        *("--workers", "1"),
+    ]
+    with ExitStack() as cleanup:
+        if options.metrics is not None:
+            directory = tempfile.mkdtemp(prefix="uproxy-metrics-")
+            cleanup.callback(shutil.rmtree, directory, ignore_errors=True)
+            os.environ[MULTIPROC_ENV] = directory  # inherited by the workers
+        supervisor = Supervisor(lambda index: worker_args, count, options.grace, options.metrics)
+        return run_unwrapped(supervisor.run)
+
+
 def raise_fd_limit() -> None:
     """Every flow costs two descriptors; the usual soft limit of 1024 would cap a proxy at
     about 500 flows although the hard limit allows far more."""
@@ -55,6 +165,8 @@ async def run_proxy(
     listen: Sequence[Address],
     grace: float,
     after_bind: Callable[[], None],
+    metrics: Metrics | None,
+    metrics_address: Address | None,
 ) -> int:
     """Serve until SIGINT or SIGTERM, then drain: no new flows, ``grace`` seconds for those in
     flight, then reset the rest. A second signal resets them at once.
@@ -65,7 +177,16 @@ async def run_proxy(
     flows_reset = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(proxy.serve, listen)
+            if metrics is not None:
+                nursery.start_soon(metrics.keep_sampling, proxy)
+                if metrics_address is not None:
+                    await nursery.start(serve_metrics, metrics_address, metrics.render)
+
+            async def serve(task_status: trio.TaskStatus[list[Address]]) -> None:
+                await proxy.serve(listen, task_status=task_status)
+                nursery.cancel_scope.cancel()  # drained: the helpers above are done too
+
+            bound = await nursery.start(serve)
             after_bind()
             LOGGER.info("ready on %s", ", ".join(format_address(a) for a in bound))
             first = await anext(aiter(signals))
@@ -75,23 +196,21 @@ async def run_proxy(
                 proxy.active_flows,
                 grace,
             )
-            with trio.CancelScope() as waiting_for_second:
 
-                async def drain() -> None:
-                    nonlocal flows_reset
-                    flows_reset = await proxy.drain(grace)
-                    waiting_for_second.cancel()
+            async def drain() -> None:
+                nonlocal flows_reset
+                flows_reset = await proxy.drain(grace)
 
-                nursery.start_soon(drain)
-                async for second in signals:
-                    flows_reset = proxy.active_flows
-                    LOGGER.warning(
-                        "%s received again: resetting %d flows",
-                        signal.Signals(second).name,
-                        flows_reset,
-                    )
-                    nursery.cancel_scope.cancel()
-                    break
+            nursery.start_soon(drain)
+            async for second in signals:
+                flows_reset = proxy.active_flows
+                LOGGER.warning(
+                    "%s received again: resetting %d flows",
+                    signal.Signals(second).name,
+                    flows_reset,
+                )
+                nursery.cancel_scope.cancel()
+                break
     if flows_reset:
         LOGGER.warning("stopped; %d flows were reset", flows_reset)
         return EXIT_FLOWS_RESET

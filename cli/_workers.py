@@ -18,6 +18,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
+from prometheus_client.multiprocess import mark_process_dead
+
+from uproxy_trio import Address
+
+from ._metrics import render_multiprocess, serve_metrics
 
 LOGGER = logging.getLogger("uproxy.workers")
 
@@ -42,7 +47,7 @@ class WorkerFailedToStart(Exception):
 
 
 def worker_label() -> str | None:
-    """ "worker 2/4" inside a worker process, ``None`` elsewhere."""
+    """``worker 2/4`` inside a worker process, ``None`` elsewhere."""
     value = os.environ.get(WORKER_ENV)
     return f"worker {value}" if value else None
 
@@ -62,8 +67,15 @@ def cpu_count() -> int:
 class Supervisor:
     """Runs ``count`` workers until a signal, and returns the exit code for the parent."""
 
-    def __init__(self, argv_for: Callable[[int], Sequence[str]], count: int, grace: float) -> None:
+    def __init__(
+        self,
+        argv_for: Callable[[int], Sequence[str]],
+        count: int,
+        grace: float,
+        metrics: Address | None = None,
+    ) -> None:
         self._argv_for = argv_for
+        self._metrics = metrics
         self._count = count
         self._grace = grace
         self._stopping = False
@@ -75,6 +87,8 @@ class Supervisor:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._forward, signals)
+                if self._metrics is not None:
+                    await outer.start(serve_metrics, self._metrics, render_multiprocess)
                 failed: list[WorkerFailedToStart] = []
                 try:
                     async with trio.open_nursery() as workers:
@@ -121,6 +135,9 @@ class Supervisor:
                     code = await process.wait()
             finally:
                 await _stop(process, self._grace)
+                if self._metrics is not None:
+                    # Its counters stay in the sum; its share of the active gauge goes.
+                    mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
             if self.stopping():
                 self._exit_codes[index] = code
                 return

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,13 @@ async def eventually(condition: Callable[[], bool], timeout: float = 10) -> None
     with trio.fail_after(timeout):
         while not condition():  # noqa: ASYNC110 - nothing to wait on but the other process
             await trio.sleep(0.02)
+
+
+async def eventually_async(condition: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
+    """``eventually`` for a condition that has to do I/O to find out (a metrics scrape)."""
+    with trio.fail_after(timeout):
+        while not await condition():  # noqa: ASYNC110 - the state is in another process
+            await trio.sleep(0.05)
 
 
 def family_of(host: str) -> socket.AddressFamily:

@@ -97,25 +97,37 @@ FlowEvent: TypeAlias = (
 )
 EventSink: TypeAlias = Callable[[FlowEvent], None]
 
+# The events of every flow's life, logged at INFO; the others are worth a WARNING or more.
+_ROUTINE = (FlowOpened, UpstreamConnected, HalfClosed, FlowClosed)
+
 
 def log_event(event: FlowEvent) -> None:
-    """The default sink: one log line per event on the ``uproxy_trio.flow`` logger."""
+    """The default sink: one log line per event on the ``uproxy_trio.flow`` logger.
+
+    Each record carries the event itself as ``record.flow_event``, so a formatter can render
+    it as structured data (``uproxy serve --log-format json`` does).
+    """
+    if not LOGGER.isEnabledFor(logging.INFO) and isinstance(event, _ROUTINE):
+        return  # at --log-level warning a flow's routine life costs nothing to format
     flow = event.flow
+    extra = {"flow_event": event}
     if isinstance(event, FlowOpened):
         LOGGER.info(
             "flow %d open client=%s server=%s",
             flow.id,
             format_address(flow.client),
             format_address(flow.server),
+            extra=extra,
         )
     elif isinstance(event, UpstreamConnected):
-        LOGGER.info("flow %d upstream connected in %.3fs", flow.id, event.connect_s)
+        LOGGER.info("flow %d upstream connected in %.3fs", flow.id, event.connect_s, extra=extra)
     elif isinstance(event, UpstreamFailed):
         LOGGER.warning(
             "flow %d upstream %s failed: %s; resetting client",
             flow.id,
             format_address(flow.server),
             event.reason,
+            extra=extra,
         )
     elif isinstance(event, FlowRefused):
         LOGGER.warning(
@@ -123,15 +135,17 @@ def log_event(event: FlowEvent) -> None:
             flow.id,
             event.reason,
             format_address(flow.server),
+            extra=extra,
         )
     elif isinstance(event, HalfClosed):
-        LOGGER.info("flow %d %s closed its side", flow.id, event.side)
+        LOGGER.info("flow %d %s closed its side", flow.id, event.side, extra=extra)
     elif isinstance(event, InterceptorFailed):
         LOGGER.error(
             "flow %d interceptor failed (%s); resetting the flow",
             flow.id,
             event.direction.value,
             exc_info=event.error,
+            extra=extra,
         )
     else:
         LOGGER.info(
@@ -143,4 +157,5 @@ def log_event(event: FlowEvent) -> None:
             event.bytes_client_to_server,
             event.bytes_server_to_client,
             event.duration_s,
+            extra=extra,
         )

@@ -129,10 +129,23 @@ class Proxy:
         self._drained = trio.Event()
         self._started = False
         self._pipes = PipePool() if SPLICE_AVAILABLE else None
+        self._closed_bytes = dict.fromkeys(Direction, 0)
+        self._live_counts: list[dict[Direction, _Counts]] = []
 
     @property
     def active_flows(self) -> int:
         return self._active
+
+    def bytes_moved(self) -> dict[Direction, int]:
+        """Bytes delivered so far each way, by every flow, the ones in flight included.
+
+        Computed when asked (for a metrics scrape, say), so the data path pays nothing.
+        """
+        totals = dict(self._closed_bytes)
+        for counts in self._live_counts:
+            for direction, count in counts.items():
+                totals[direction] += count.written
+        return totals
 
     @property
     def addresses(self) -> list[Address]:
@@ -273,6 +286,7 @@ class Proxy:
         with server_sock:
             ending = FlowEnding()
             counts = {direction: _Counts(last_read=started) for direction in Direction}
+            self._live_counts.append(counts)
             try:
                 async with trio.open_nursery() as directions:
 
@@ -308,6 +322,9 @@ class Proxy:
                 if not ending.clean:
                     reset(client_sock)
                     reset(server_sock)
+                self._live_counts.remove(counts)
+                for direction, count in counts.items():
+                    self._closed_bytes[direction] += count.written
                 emit(
                     FlowClosed(
                         flow,

@@ -1,0 +1,156 @@
+"""Prometheus metrics for ``uproxy serve --metrics HOST:PORT``.
+
+One process: the proxy records into its own registry and serves it. With ``--workers``, the
+workers record into prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set by
+the parent before they start) and the parent serves the sum, so a scrape sees the whole proxy
+whichever worker handled which flow.
+
+Flow counts, failures and durations come from the flow events; bytes and active flows are
+sampled from the proxy twice a second, so a long bulk flow shows up while it runs, and the
+data path pays nothing for metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from uproxy_trio import (
+    Address,
+    Direction,
+    FlowClosed,
+    FlowEvent,
+    FlowOpened,
+    Proxy,
+    UpstreamFailed,
+    format_address,
+)
+
+LOGGER = logging.getLogger("uproxy.metrics")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SAMPLE_INTERVAL_S = 0.5
+# Flow durations span milliseconds (a refused connect) to hours (an idle session).
+DURATION_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 5, 30, 120, 600, 3600, float("inf"))
+# A scrape request larger or slower than this is not a Prometheus server: drop it.
+MAX_REQUEST = 8192
+REQUEST_TIMEOUT_S = 5.0
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # In a worker the values go to the multiprocess files whatever the registry; a
+        # registry of our own keeps prometheus-client's global one out of it.
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.flows = Counter("uproxy_flows", "Flows accepted.", registry=registry)
+        self.active = Gauge(
+            "uproxy_flows_active",
+            "Flows in flight.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.bytes = Counter(
+            "uproxy_bytes", "Bytes delivered, by direction.", ["direction"], registry=registry
+        )
+        self.connect_failures = Counter(
+            "uproxy_connect_failures",
+            "Upstream connections that failed, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.closed = Counter(
+            "uproxy_flows_closed", "Flows ended, by reason.", ["reason"], registry=registry
+        )
+        self.duration = Histogram(
+            "uproxy_flow_duration_seconds",
+            "How long flows lasted.",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._sampled = dict.fromkeys(Direction, 0)
+        for direction in Direction:
+            self.bytes.labels(direction.value)  # present from the first scrape, at 0
+
+    def on_event(self, event: FlowEvent) -> None:
+        if isinstance(event, FlowOpened):
+            self.flows.inc()
+        elif isinstance(event, UpstreamFailed):
+            self.connect_failures.labels(event.reason).inc()
+        elif isinstance(event, FlowClosed):
+            self.closed.labels(event.reason).inc()
+            self.duration.observe(event.duration_s)
+
+    def sample(self, proxy: Proxy) -> None:
+        self.active.set(proxy.active_flows)
+        for direction, total in proxy.bytes_moved().items():
+            self.bytes.labels(direction.value).inc(total - self._sampled[direction])
+            self._sampled[direction] = total
+
+    async def keep_sampling(self, proxy: Proxy) -> None:
+        try:
+            while True:
+                self.sample(proxy)
+                await trio.sleep(SAMPLE_INTERVAL_S)
+        finally:
+            self.sample(proxy)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def render_multiprocess() -> bytes:
+    """The sum over every worker's files, for the parent of ``--workers`` to serve."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+async def serve_metrics(
+    address: Address,
+    render: Callable[[], bytes],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A minimal HTTP/1.1 endpoint: ``GET /metrics`` and nothing else."""
+    host, port = address
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    LOGGER.info("metrics on http://%s/metrics", format_address(address))
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await _answer(stream, render)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        await trio.serve_listeners(answer, listeners, handler_nursery=nursery)
+
+
+async def _answer(stream: trio.SocketStream, render: Callable[[], bytes]) -> None:
+    request = b""
+    with trio.move_on_after(REQUEST_TIMEOUT_S):
+        while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST:
+            data = await stream.receive_some(MAX_REQUEST)
+            if not data:
+                break
+            request += data
+    method, _, rest = request.partition(b" ")
+    path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+    if method == b"GET" and path == b"/metrics":
+        status, body = b"200 OK", render()
+        kind = b"text/plain; version=0.0.4; charset=utf-8"
+    else:
+        status, body, kind = b"404 Not Found", b"only /metrics here\n", b"text/plain"
+    head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    try:
+        await stream.send_all(head % (status, kind, len(body)) + body)
+    except trio.BrokenResourceError:
+        pass  # the scraper went away
+
+
+def in_multiprocess_mode() -> bool:
+    return MULTIPROC_ENV in os.environ

@@ -1,0 +1,146 @@
+"""What an operator watches: Prometheus metrics (one process and --workers) and JSON logs."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import pytest
+import trio
+from lab_tools import (
+    CliProxy,
+    connect,
+    connect_expecting_reset,
+    echo_server,
+    eventually_async,
+    listen,
+    recv_exactly,
+    recv_until_eof,
+    send_all,
+)
+
+from uproxy_netns import SERVER_V4, Lab
+
+pytestmark = pytest.mark.lab
+
+METRICS_PORT = 9200
+
+
+async def scrape(lab: Lab, path: str = "/metrics") -> str:
+    sock = trio.socket.from_stdlib_socket(lab.proxy.socket(socket.AF_INET))
+    with sock:
+        await sock.connect(("127.0.0.1", METRICS_PORT))
+        await send_all(sock, f"GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n".encode())
+        return (await recv_until_eof(sock)).decode()
+
+
+def value(text: str, sample: str) -> float:
+    """The value of one sample line, e.g. ``uproxy_bytes_total{direction="client_to_server"}``."""
+    for line in text.splitlines():
+        name, _, number = line.rpartition(" ")
+        if name == sample:
+            return float(number)
+    raise AssertionError(f"{sample} not in the metrics:\n{text}")
+
+
+async def one_of_each(lab: Lab) -> int:
+    """A bulk flow, a short one and a refused one; returns the bulk size."""
+    size = 1 << 20
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(20):
+            for payload in (bytes(size), b"short"):
+                client = await connect(lab.client, SERVER_V4, 9090)
+                with client:
+                    await send_all(client, payload)
+                    client.shutdown(socket.SHUT_WR)
+                    assert await recv_until_eof(client, limit=size) == payload
+            await connect_expecting_reset(lab.client, SERVER_V4, 9092)
+        nursery.cancel_scope.cancel()
+    return size
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_metrics_count_flows_bytes_failures_and_durations(
+    lab: Lab, cli_proxy: CliProxy, workers: str
+) -> None:
+    cli_proxy.start("--metrics", f"127.0.0.1:{METRICS_PORT}", "--workers", workers)
+    with trio.fail_after(20):
+        before = await scrape(lab)
+        assert value(before, "uproxy_flows_total") == 0
+        assert value(before, "uproxy_flows_active") == 0
+
+        # While a flow is open it is active, and its bytes count before it ends.
+        async with trio.open_nursery() as nursery:
+            listener = await listen(lab.server, SERVER_V4, 9090)
+            await nursery.start(echo_server, listener)
+            held = await connect(lab.client, SERVER_V4, 9090)
+            await send_all(held, b"x" * 1000)
+            await recv_exactly(held, 1000)
+
+            async def shows_the_open_flow() -> bool:
+                text = await scrape(lab)
+                return value(text, "uproxy_flows_active") == 1 and (
+                    value(text, 'uproxy_bytes_total{direction="client_to_server"}') == 1000
+                )
+
+            await eventually_async(shows_the_open_flow)
+            held.close()
+            nursery.cancel_scope.cancel()
+
+        size = await one_of_each(lab)
+
+        async def shows_everything() -> bool:
+            text = await scrape(lab)
+            # Bytes and the active gauge are sampled twice a second: wait for the sample.
+            return (
+                value(text, 'uproxy_flows_closed_total{reason="upstream_refused"}') == 1
+                and value(text, "uproxy_flow_duration_seconds_count") == 4
+                and value(text, "uproxy_flows_active") == 0
+                and value(text, 'uproxy_bytes_total{direction="server_to_client"}') > 1000
+            )
+
+        await eventually_async(shows_everything)
+        text = await scrape(lab)
+    assert value(text, "uproxy_flows_total") == 4
+    assert value(text, "uproxy_flows_active") == 0
+    assert value(text, 'uproxy_connect_failures_total{reason="refused"}') == 1
+    for direction in ("client_to_server", "server_to_client"):
+        assert value(text, f'uproxy_bytes_total{{direction="{direction}"}}') == 1000 + size + 5
+    assert value(text, 'uproxy_flows_closed_total{reason="closed"}') == 3
+    assert "HTTP/1.1 404" in await scrape(lab, "/other")
+    assert cli_proxy.stop() == 0
+
+
+async def test_json_logs_are_one_object_per_line(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start("--log-format", "json")
+    size = await one_of_each(lab)
+    assert cli_proxy.stop() == 0
+    entries = [json.loads(line) for line in cli_proxy.log.splitlines()]  # all of them JSON
+    closes = [entry for entry in entries if entry.get("event") == "flow_close"]
+    assert [entry["reason"] for entry in closes] == ["closed", "closed", "upstream_refused"]
+    bulk = closes[0]
+    assert re.fullmatch(r"192\.0\.2\.2:\d+", bulk["client"])
+    assert bulk["server"] == "198.51.100.2:9090"
+    assert bulk["bytes_client_to_server"] == bulk["bytes_server_to_client"] == size
+    assert isinstance(bulk["duration_s"], float)
+    assert {entry["level"] for entry in entries} <= {"info", "warning"}
+    failed = next(entry for entry in entries if entry.get("event") == "upstream_failed")
+    assert failed["reason"] == "refused"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--metrics", "nowhere"], "Invalid value for '--metrics'"),
+        (["--log-format", "xml"], "'xml' is not one of text, json"),
+    ],
+)
+def test_bad_observability_options_are_usage_errors(
+    lab: Lab, cli_proxy: CliProxy, args: list[str], message: str
+) -> None:
+    with pytest.raises(AssertionError, match="exited 2"):
+        cli_proxy.start(*args)
+    assert message in cli_proxy.log
