@@ -14,6 +14,7 @@ import uproxy_trio
 from uproxy_trio import Address, Interceptor, TransparencyUnavailable, parse_address
 from uproxy_trio.interceptors import label as label_interceptor
 
+from ._bench import bench
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
 from ._serve import run_proxy, run_unwrapped
 from ._spec import SpecError, load_interceptor
@@ -139,6 +140,9 @@ def serve(
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             raise CommandError(str(exc.strerror or exc)) from None
         raise
+
+
+app.command()(bench)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

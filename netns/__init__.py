@@ -1,5 +1,7 @@
 """The three-host lab for uproxy-trio: client, proxy and server network namespaces."""
 
+from ._bench import BenchReport, BenchSettings, Relay, RelayResult, run_bench
+from ._idle import IdleResult
 from ._lab import (
     CLIENT_V4,
     CLIENT_V6,
@@ -14,6 +16,7 @@ from ._lab import (
 )
 from ._namespace import LabError, Namespace
 from ._rules import TproxySetup
+from ._wrk import HttpResult
 
 __all__ = [
     "CLIENT_V4",
@@ -24,9 +27,16 @@ __all__ = [
     "PROXY_SERVER_SIDE_V6",
     "SERVER_V4",
     "SERVER_V6",
+    "BenchReport",
+    "BenchSettings",
+    "HttpResult",
+    "IdleResult",
     "Lab",
     "LabError",
     "Namespace",
+    "Relay",
+    "RelayResult",
     "TproxySetup",
+    "run_bench",
     "sweep_stale_labs",
 ]
