@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -15,6 +19,9 @@ from ._bench_report import format_report, report_as_json
 from ._errors import CommandError
 
 _DEFAULTS = BenchSettings()
+
+# 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 
 def bench(
@@ -63,13 +70,32 @@ def bench(
         idle_flows=idle_flows,
     )
     try:
-        report = run_bench(settings, _progress)
+        with _sigterm_as_interrupt():
+            report = run_bench(settings, _progress)
     except LabError as exc:
         raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        # run_bench has stopped its daemons and deleted the lab on the way out.
+        raise CommandError("interrupted", EXIT_INTERRUPTED) from None
     if json_output:
         print(json.dumps(report_as_json(report), indent=2))
     else:
         print(format_report(report), end="")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Let ``kill`` clean up as Ctrl-C does: the daemons run in sessions of their own and would
+    outlive a bench that died of SIGTERM's default action."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _in_bench_order(relays: list[Relay]) -> tuple[Relay, ...]:
