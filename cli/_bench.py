@@ -51,6 +51,14 @@ def bench(
             show_default=False,
         ),
     ] = None,
+    uproxy_syn_to_tproxy: Annotated[
+        bool,
+        typer.Option(
+            "--uproxy-syn-to-tproxy",
+            help="Put uproxy behind HAProxy's rules (! --syn on the socket shortcut) instead "
+            "of the seed's.",
+        ),
+    ] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the figures as JSON instead of a table.")
     ] = False,
@@ -60,7 +68,8 @@ def bench(
     Builds a client ─ proxy ─ server lab of network namespaces, installs iperf3, wrk, nginx
     and haproxy with apt-get when missing, and runs the same traffic through kernel
     forwarding, HAProxy (transparent) and uproxy serve (without, then with an identity
-    interceptor). Everything it starts is stopped and the lab deleted at the end. Needs root.
+    interceptor), each on a fresh lab. Everything it starts is stopped and every lab deleted at
+    the end. Needs root.
     """
     if os.geteuid() != 0:
         raise CommandError("uproxy bench needs root (network namespaces, iptables, apt-get)")
@@ -68,6 +77,7 @@ def bench(
         relays=_in_bench_order(relay or list(Relay)),
         duration_s=duration,
         idle_flows=idle_flows,
+        uproxy_syn_to_tproxy=uproxy_syn_to_tproxy,
     )
     try:
         with _sigterm_as_interrupt():

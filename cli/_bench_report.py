@@ -31,7 +31,7 @@ def format_report(report: BenchReport) -> str:
     sections = [
         f"uproxy bench: {settings.duration_s} s per iperf3 (one TCP flow) and wrk "
         f"({settings.connections} connections) run; {settings.idle_flows} idle flows; "
-        "one shared host, so ratios only",
+        "each relay on a fresh lab; one shared host, so ratios only",
         _figures_table(report.results),
         _ratios_table(report.results),
         *_idle_lines(report.results),
@@ -135,9 +135,8 @@ def report_as_json(report: BenchReport) -> dict[str, Any]:
             "duration_s": report.settings.duration_s,
             "idle_flows": report.settings.idle_flows,
             "connections": report.settings.connections,
+            "uproxy_syn_to_tproxy": report.settings.uproxy_syn_to_tproxy,
         },
-        "lab": report.lab,
-        "pids": list(report.pids),
         "results": {
             str(result.relay): _result_as_json(result, by_relay) for result in report.results
         },
@@ -152,6 +151,8 @@ def _result_as_json(result: RelayResult, by_relay: dict[Relay, RelayResult]) -> 
         "keep_alive": _http_as_json(result.keep_alive),
         "new_connection": _http_as_json(result.new_connection),
         "idle": None,
+        "lab": result.lab,
+        "pids": list(result.pids),
     }
     if result.idle is not None:
         figures["idle"] = {

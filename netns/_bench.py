@@ -41,13 +41,11 @@ _INTERCEPTED_PORTS = "9090:9099"
 # "! --syn" on the socket shortcut, as its transparent mode is usually deployed. The option
 # matters once client ports repeat: a proxy that passes on nginx's close is first to close
 # towards the client, so its client-side socket waits in TIME_WAIT, and a SYN reusing that port
-# matches it through "-m socket", is routed to it and reset instead of reaching TPROXY. A 3 s
-# run uses too few ports for that (none seen); a long new-connection run would show it in the
-# errors column.
-UPROXY_RULES = TproxySetup(ports=_INTERCEPTED_PORTS, listen_port=PROXY_LISTEN_PORT)
-HAPROXY_RULES = TproxySetup(
-    ports=_INTERCEPTED_PORTS, listen_port=PROXY_LISTEN_PORT, syn_to_tproxy=True
-)
+# matches it through "-m socket" and is routed to it instead of reaching TPROXY; the client's
+# connect stalls until it retries. A 3 s run of uproxy alone uses too few ports for that; a
+# longer one may show it as a lower new-connection rate. --uproxy-syn-to-tproxy compares.
+SEED_RULES = TproxySetup(ports=_INTERCEPTED_PORTS, listen_port=PROXY_LISTEN_PORT)
+SYN_RULES = TproxySetup(ports=_INTERCEPTED_PORTS, listen_port=PROXY_LISTEN_PORT, syn_to_tproxy=True)
 
 IDENTITY_INTERCEPTOR = "uproxy_netns.interceptors:identity"
 
@@ -66,15 +64,17 @@ class Relay(StrEnum):
     UPROXY_IDENTITY = "uproxy-identity"
 
     @property
-    def rules(self) -> TproxySetup | None:
-        """The proxy host's TPROXY rules for this relay; ``None`` is a plain router."""
-        if self is Relay.KERNEL:
-            return None
-        return HAPROXY_RULES if self is Relay.HAPROXY else UPROXY_RULES
-
-    @property
     def is_uproxy(self) -> bool:
         return self in (Relay.UPROXY, Relay.UPROXY_IDENTITY)
+
+
+def rules_for(relay: Relay, settings: BenchSettings) -> TproxySetup | None:
+    """The proxy host's TPROXY rules for ``relay``; ``None`` is a plain router."""
+    if relay is Relay.KERNEL:
+        return None
+    if relay is Relay.HAPROXY or settings.uproxy_syn_to_tproxy:
+        return SYN_RULES
+    return SEED_RULES
 
 
 def describe_rules(rules: TproxySetup | None) -> str:
@@ -93,6 +93,8 @@ class BenchSettings:
     idle_flows: int = 4000
     connections: int = 32
     """wrk's concurrent connections, for both HTTP benchmarks."""
+    uproxy_syn_to_tproxy: bool = False
+    """Put uproxy behind HAProxy's rules (with ``! --syn``) instead of the seed's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,55 +107,60 @@ class RelayResult:
     new_connection: HttpResult
     idle: IdleResult | None
     """Measured for uproxy only."""
+    lab: str
+    """The lab's tag: its namespaces were ``TAG-client``, ``TAG-proxy``, ``TAG-server``."""
+    pids: tuple[int, ...]
+    """Every daemon started for this relay; all are gone once its result exists."""
 
 
 @dataclass(frozen=True, slots=True)
 class BenchReport:
     settings: BenchSettings
-    lab: str
-    """The lab's tag: its namespaces were ``TAG-client``, ``TAG-proxy``, ``TAG-server``."""
-    pids: tuple[int, ...]
-    """Every daemon the bench started; all are gone when ``run_bench`` returns."""
     results: tuple[RelayResult, ...]
 
 
 def run_bench(settings: BenchSettings, progress: Progress) -> BenchReport:
-    """Run every relay of ``settings`` in turn on one lab; ``LabError`` if a step fails.
+    """Run every relay of ``settings`` in turn, each on a lab of its own; ``LabError`` if a step
+    fails.
 
-    Daemons are stopped and the lab and its temporary directory removed however this ends,
-    Ctrl-C included.
+    Daemons are stopped and labs and the temporary directory removed however this ends, Ctrl-C
+    included.
     """
     installed = ensure_packages()
     if installed:
         progress(f"installed {', '.join(installed)}")
     ensure_open_files(settings.idle_flows)
     sweep_stale_labs()
+    with tempfile.TemporaryDirectory(prefix="uproxy-bench-") as workdir:
+        progress(f"files in {workdir}")
+        results = tuple(
+            _bench_relay(relay, settings, Path(workdir) / str(relay), progress)
+            for relay in settings.relays
+        )
+    return BenchReport(settings, results)
+
+
+def _bench_relay(
+    relay: Relay, settings: BenchSettings, workdir: Path, progress: Progress
+) -> RelayResult:
+    """Measure ``relay`` on a fresh lab.
+
+    A lab of its own per relay, because what one relay leaves in the kernel would otherwise
+    slow the next: on a shared lab uproxy's new-connection rate fell from about 2500 to 450
+    requests/s when it ran after HAProxy, whose TIME_WAIT sockets (see the rules above) caught
+    the client's SYNs.
+    """
+    rules = rules_for(relay, settings)
     with ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="uproxy-bench-")))
-        lab = stack.enter_context(Lab.owned(tproxy=None))
-        progress(f"lab {lab.tag} up; files in {workdir}")
+        lab = stack.enter_context(Lab.owned(tproxy=rules))
+        progress(f"{relay}: lab {lab.tag} up")
         daemons = [
             stack.enter_context(running_nginx(lab.server, workdir, SERVER_V4, HTTP_PORT)),
             stack.enter_context(running_iperf_server(lab.server, workdir, SERVER_V4, IPERF_PORT)),
         ]
-        results = []
-        for relay in settings.relays:
-            result, proxy = _bench_relay(lab, relay, settings, workdir, progress)
-            results.append(result)
-            daemons += [proxy] if proxy is not None else []
-        tag = lab.tag
-    return BenchReport(settings, tag, tuple(daemon.pid for daemon in daemons), tuple(results))
-
-
-def _bench_relay(
-    lab: Lab, relay: Relay, settings: BenchSettings, workdir: Path, progress: Progress
-) -> tuple[RelayResult, Service | None]:
-    rules = relay.rules
-    if rules is None:
-        lab.remove_tproxy()
-    else:
-        lab.install_tproxy(rules)
-    with _running_relay(lab, relay, workdir) as proxy:
+        proxy = stack.enter_context(_running_relay(lab, relay, workdir))
+        if proxy is not None:
+            daemons.append(proxy)
         progress(f"{relay}: iperf3 client to server, then server to client")
         upload = measure_throughput(
             lab.client, SERVER_V4, IPERF_PORT, settings.duration_s, reverse=False
@@ -170,12 +177,19 @@ def _bench_relay(
             idle = measure_idle_flows(
                 lab.client, lab.server, SERVER_V4, IDLE_PORT, settings.idle_flows, proxy.pid
             )
-        if proxy is not None:
-            proxy.check_alive()
-    result = RelayResult(
-        relay, describe_rules(rules), upload, download, keep_alive, new_connection, idle
+        for daemon in daemons:
+            daemon.check_alive()
+    return RelayResult(
+        relay,
+        describe_rules(rules),
+        upload,
+        download,
+        keep_alive,
+        new_connection,
+        idle,
+        lab.tag,
+        tuple(daemon.pid for daemon in daemons),
     )
-    return result, proxy
 
 
 def _wrk(lab: Lab, settings: BenchSettings, *, keep_alive: bool) -> HttpResult:

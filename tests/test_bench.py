@@ -63,11 +63,12 @@ def test_two_benches_at_once_measure_every_relay_and_leave_nothing_behind() -> N
 
     assert list(reports[0]["results"]) == ["kernel", "uproxy"]
     assert list(reports[1]["results"]) == ["haproxy", "uproxy-identity"]
-    assert reports[0]["lab"] != reports[1]["lab"]
+    labs = [figures["lab"] for report in reports for figures in report["results"].values()]
+    assert len(set(labs)) == 4, "each relay of each bench gets a lab of its own"
     for report in reports:
         for figures in report["results"].values():
             assert_measured(figures)
-        assert_left_nothing(report["lab"], report["pids"])
+            assert_left_nothing(figures["lab"], figures["pids"])
 
     kernel = reports[0]["results"]["kernel"]
     assert kernel["rules"] == "none (plain router)"
@@ -96,9 +97,10 @@ def test_interrupted_mid_run_stops_every_daemon_and_deletes_the_lab(signum: int)
     lab_tag, workdir = "", ""
     deadline = time.monotonic() + BENCH_TIMEOUT_S
     for line in bench.stderr:
-        if " up; files in " in line:
-            lab_tag = line.split("lab ", 1)[1].split(" ", 1)[0]
+        if "files in " in line:
             workdir = line.rsplit(" ", 1)[1].strip()
+        if " up" in line and "lab " in line:
+            lab_tag = line.split("lab ", 1)[1].split(" ", 1)[0]
         if "uproxy: iperf3" in line:
             break
         assert time.monotonic() < deadline

@@ -57,6 +57,8 @@ def result(relay: Relay, scale: float, idle: IdleResult | None = None) -> RelayR
         keep_alive=HttpResult(40000 * scale, 1, 0),
         new_connection=HttpResult(8000 * scale, 1, 0),
         idle=idle,
+        lab="upx1-abcd",
+        pids=(),
     )
 
 
@@ -68,8 +70,6 @@ def test_table_shows_figures_ratios_idle_memory_and_rules() -> None:
     idle = IdleResult(flows=1000, rss_before_kib=30000, rss_after_kib=40000, relayed=1000)
     report = BenchReport(
         BenchSettings(relays=(Relay.KERNEL, Relay.HAPROXY, Relay.UPROXY)),
-        lab="upx1-abcd",
-        pids=(),
         results=(
             result(Relay.KERNEL, 1.0),
             result(Relay.HAPROXY, 0.5),
