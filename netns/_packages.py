@@ -25,6 +25,9 @@ _SBIN_DIRS = ("/usr/sbin", "/sbin")
 
 # No debconf question may wait for an answer nobody is there to give.
 _NONINTERACTIVE = ("env", "DEBIAN_FRONTEND=noninteractive")
+# Two benches started at once on a fresh machine both install: the second waits for the first
+# one's dpkg lock instead of failing at once.
+_WAIT_FOR_LOCK = ("-o", "DPkg::Lock::Timeout=300")
 
 
 def find_command(command: str) -> str | None:
@@ -56,8 +59,19 @@ def ensure_packages(packages: Mapping[str, str] = BENCH_PACKAGES) -> list[str]:
         raise LabError(f"missing {', '.join(missing)}; run as root to install them")
     if find_command("apt-get") is None:
         raise LabError(f"missing {', '.join(missing)} and there is no apt-get to install them")
-    run(["apt-get", "update", "-qq"])
-    run([*_NONINTERACTIVE, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing])
+    run(["apt-get", *_WAIT_FOR_LOCK, "update", "-qq"])
+    run(
+        [
+            *_NONINTERACTIVE,
+            "apt-get",
+            *_WAIT_FOR_LOCK,
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            *missing,
+        ]
+    )
     still_missing = missing_packages(packages)
     if still_missing:
         raise LabError(f"apt-get installed nothing that provides {', '.join(still_missing)}")
