@@ -1,12 +1,13 @@
-"""The benchmark of issue 4: the same traffic through each relay on one lab, one after another.
+"""The benchmark of issue 4: the same traffic through each relay, one after another.
 
 The relays are the kernel forwarding on its own (a plain router: the floor every proxy is
 measured against), HAProxy in transparent mode (the established user-space proxy), and
 ``uproxy serve`` without and with an identity interceptor. Each gets the same measurements:
 one bulk TCP flow each way (iperf3), small HTTP requests over kept-alive connections and with
 a new connection per request (wrk against nginx), and, for uproxy, the memory an idle flow
-costs. nginx and the iperf3 server run once for the whole bench; rules and proxy change
-between relays. The figures come from one run on one host, so only their ratios mean much.
+costs. Each relay gets a fresh lab with its own nginx and iperf3 server, so none inherits
+another's kernel state. The figures come from one run on one host, so only their ratios mean
+much.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ PROXY_LISTEN_PORT = 9091
 _INTERCEPTED_PORTS = "9090:9099"
 
 # uproxy runs behind the seed's rules, as its README sets it up; HAProxy behind the same with
-# "! --syn" on the socket shortcut, as its transparent mode is usually deployed. The option
+# "! --syn" on the socket shortcut, so that its figures are not held back by it. The option
 # matters once client ports repeat: a proxy that passes on nginx's close is first to close
 # towards the client, so its client-side socket waits in TIME_WAIT, and a SYN reusing that port
 # matches it through "-m socket" and is routed to it instead of reaching TPROXY; the client's
