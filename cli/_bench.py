@@ -47,7 +47,9 @@ def bench(
         list[Relay] | None,
         typer.Option(
             "--relay",
-            help="Measure only this relay; repeat for more. [default: all, in this order]",
+            metavar="RELAY",
+            help="Measure only this relay (kernel, haproxy, uproxy, uproxy-identity); repeat "
+            "for more. [default: all four, in that order]",
             show_default=False,
         ),
     ] = None,
@@ -65,12 +67,9 @@ def bench(
 ) -> None:
     """Measure throughput, HTTP request rates and idle-flow memory through each relay.
 
-    Builds a client ─ proxy ─ server lab of network namespaces, installs iperf3, wrk, nginx
-    and haproxy with apt-get when missing, and runs the same traffic through kernel
-    forwarding, HAProxy (transparent) and uproxy serve (without, then with an identity
-    interceptor), each on a fresh lab. Everything it starts is stopped and every lab deleted at
-    the end. Needs root.
+    Kernel forwarding, HAProxy and uproxy serve, each on a fresh lab of namespaces. Needs root.
     """
+    # One line per paragraph above: --help keeps the docstring's line breaks.
     if os.geteuid() != 0:
         raise CommandError("uproxy bench needs root (network namespaces, iptables, apt-get)")
     settings = BenchSettings(
