@@ -26,7 +26,7 @@ from ._lab import SERVER_V4, Lab, sweep_stale_labs
 from ._nginx import running_nginx
 from ._packages import ensure_packages
 from ._rules import TproxySetup
-from ._services import Service
+from ._services import Service, kill_everything_in
 from ._uproxy import running_uproxy
 from ._wrk import HttpResult, measure_http
 
@@ -154,6 +154,7 @@ def _bench_relay(
     rules = rules_for(relay, settings)
     with ExitStack() as stack:
         lab = stack.enter_context(Lab.owned(tproxy=rules))
+        stack.callback(kill_everything_in, lab.namespaces)
         progress(f"{relay}: lab {lab.tag} up")
         daemons = [
             stack.enter_context(running_nginx(lab.server, workdir, SERVER_V4, HTTP_PORT)),

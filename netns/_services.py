@@ -11,11 +11,11 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from ._namespace import LabError, Namespace
+from ._namespace import LabError, Namespace, run
 
 # Long enough for a proxy with thousands of flows to close them; a daemon still there is killed.
 STOP_GRACE_S = 5.0
@@ -61,6 +61,37 @@ class Service:
                 self.process.wait()
         # Children it forked (nginx workers) share its session and process group.
         _signal_group(self.process.pid, signal.SIGKILL)
+
+
+def kill_everything_in(namespaces: Iterable[Namespace]) -> None:
+    """SIGKILL every process still inside ``namespaces``, and wait until they are gone.
+
+    The last line of defence before a lab is deleted: a client (iperf3, wrk) whose
+    ``subprocess.run`` was interrupted by Ctrl-C while it was being spawned is not known to
+    any ``Service``, and would otherwise live on, stuck, in a namespace nobody can name.
+    """
+    pids = [pid for namespace in namespaces if namespace.exists() for pid in _pids_in(namespace)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + STOP_GRACE_S
+    while any(_exists(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+
+
+def _pids_in(namespace: Namespace) -> list[int]:
+    return [int(pid) for pid in run(["ip", "netns", "pids", namespace.name]).split()]
+
+
+def _exists(pid: int) -> bool:
+    """True while ``pid`` is alive and not yet a zombie (a zombie holds no namespace)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 from lab_tools import uproxy_command
 
-from uproxy_netns import Namespace
+from uproxy_netns import Lab, Namespace
+from uproxy_netns._services import kill_everything_in
 
 # Whole seconds per iperf3 and wrk run, and idle flows: enough to measure, quick to run.
 TINY = ["--duration", "1", "--idle-flows", "200"]
 BENCH_TIMEOUT_S = 120
+ROLES = ("client", "proxy", "server")
 
 
 def start_bench(*args: str) -> subprocess.Popen[str]:
@@ -38,7 +40,7 @@ def finish(bench: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def assert_left_nothing(lab_tag: str, pids: list[int]) -> None:
-    for role in ("client", "proxy", "server"):
+    for role in ROLES:
         assert not Namespace(f"{lab_tag}-{role}").exists(), f"{lab_tag}-{role} left behind"
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists(), f"process {pid} left behind"
@@ -108,6 +110,7 @@ def test_interrupted_mid_run_stops_every_daemon_and_deletes_the_lab(signum: int)
     assert workdir
     daemons = processes_under(workdir)
     assert len(daemons) >= 3, "nginx, iperf3 and uproxy should be running"
+    lab_netns = {net_namespace_of(Namespace(f"{lab_tag}-{role}").path) for role in ROLES}
     bench.send_signal(signum)
     _, stderr = bench.communicate(timeout=BENCH_TIMEOUT_S)
 
@@ -116,6 +119,24 @@ def test_interrupted_mid_run_stops_every_daemon_and_deletes_the_lab(signum: int)
     assert "Traceback" not in stderr
     assert_left_nothing(lab_tag, daemons)
     assert not Path(workdir).exists()
+    # Not even a client the interrupt caught half-spawned lives on in the deleted namespaces.
+    assert not processes_in(lab_netns)
+
+
+def net_namespace_of(path: str) -> str:
+    """``net:[INODE]``, as /proc/PID/ns/net reads for a process in that namespace."""
+    return f"net:[{os.stat(path).st_ino}]"
+
+
+def processes_in(net_namespaces: set[str]) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.readlink(entry / "ns" / "net") in net_namespaces:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def processes_under(workdir: str) -> list[int]:
@@ -150,3 +171,16 @@ def test_bad_bench_options_are_one_line_and_exit_2(args: list[str], message: str
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("uproxy: error: ")
     assert message in lines[0]
+
+
+@pytest.mark.lab
+@pytest.mark.usefixtures("lab")
+def test_a_stray_process_in_a_bench_lab_is_killed_before_the_lab_goes() -> None:
+    with Lab.owned(tproxy=None) as lab:
+        stray = subprocess.Popen(lab.client.exec_argv(["sleep", "600"]))
+        try:
+            kill_everything_in(lab.namespaces)
+            assert stray.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            stray.kill()
+            stray.wait()
