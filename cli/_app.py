@@ -13,6 +13,7 @@ import uproxy_trio
 from uproxy_trio import Address, Interceptor, TransparencyUnavailable, parse_address
 from uproxy_trio.interceptors import label as label_interceptor
 
+from ._bench import bench
 from ._check import check
 from ._demo import demo
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
@@ -271,7 +272,7 @@ def serve(
         raise
 
 
-for command in (serve, rules, check, demo):
+for command in (serve, rules, check, demo, bench):
     app.command(help=help_of(command))(command)
 app.add_typer(lab_app)
 

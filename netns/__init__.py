@@ -1,5 +1,7 @@
 """The three-host lab for uproxy-trio: client, proxy and server network namespaces."""
 
+from ._bench import BenchReport, BenchSettings, Relay, RelayResult, run_bench
+from ._idle import IdleResult
 from ._install import apply_setup, has_local_route, has_policy_rule, remove_setup
 from ._lab import (
     CLIENT_V4,
@@ -16,6 +18,7 @@ from ._lab import (
 )
 from ._namespace import LabError, Namespace
 from ._rules import BACKENDS, PortRange, TproxySetup, merge_port_ranges, parse_port_range
+from ._wrk import HttpResult
 
 __all__ = [
     "BACKENDS",
@@ -27,10 +30,16 @@ __all__ = [
     "PROXY_SERVER_SIDE_V6",
     "SERVER_V4",
     "SERVER_V6",
+    "BenchReport",
+    "BenchSettings",
+    "HttpResult",
+    "IdleResult",
     "Lab",
     "LabError",
     "Namespace",
     "PortRange",
+    "Relay",
+    "RelayResult",
     "TproxySetup",
     "apply_setup",
     "has_local_route",
@@ -39,5 +48,6 @@ __all__ = [
     "merge_port_ranges",
     "parse_port_range",
     "remove_setup",
+    "run_bench",
     "sweep_stale_labs",
 ]

@@ -31,12 +31,16 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def run(argv: Sequence[str], *, input: str | None = None) -> str:
-    """Run a command, raising ``LabError`` with its output if it fails."""
+def run(argv: Sequence[str], *, input: str | None = None, timeout: float | None = None) -> str:
+    """Run a command, raising ``LabError`` with its output if it fails or outlives ``timeout``."""
     try:
-        done = subprocess.run(list(argv), input=input, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            list(argv), input=input, capture_output=True, text=True, check=False, timeout=timeout
+        )
     except FileNotFoundError as exc:
         raise LabError(f"{argv[0]} is not installed") from exc
+    except subprocess.TimeoutExpired:
+        raise LabError(f"{' '.join(argv)} did not finish in {timeout}s") from None
     if done.returncode != 0:
         output = (done.stderr or done.stdout).strip()
         raise LabError(f"{' '.join(argv)} failed (exit {done.returncode}): {output}")
@@ -67,12 +71,18 @@ class Namespace:
         if self.exists():
             run(["ip", "netns", "delete", self.name])
 
+    def pids(self) -> list[str]:
+        """The processes inside this namespace."""
+        return run(["ip", "netns", "pids", self.name]).split()
+
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
         """``argv`` wrapped to run inside this namespace (for subprocesses of your own)."""
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def run(self, argv: Sequence[str], *, input: str | None = None) -> str:
-        return run(self.exec_argv(argv), input=input)
+    def run(
+        self, argv: Sequence[str], *, input: str | None = None, timeout: float | None = None
+    ) -> str:
+        return run(self.exec_argv(argv), input=input, timeout=timeout)
 
     def ip(self, batch: str, *, ipv6: bool = False) -> None:
         """Run ``ip`` commands (one per line, without the leading ``ip``) in one process.

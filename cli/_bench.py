@@ -1,0 +1,116 @@
+"""``uproxy bench``: kernel forwarding, HAProxy and uproxy measured on one throwaway lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from uproxy_netns import BenchSettings, LabError, Relay, run_bench
+
+from ._bench_report import format_report, report_as_json
+from ._errors import CommandError
+
+_DEFAULTS = BenchSettings()
+
+# 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
+
+
+def bench(
+    duration: Annotated[
+        int,
+        typer.Option(
+            "--duration",
+            min=1,
+            metavar="SECONDS",
+            help="Length of each iperf3 and wrk run (whole seconds).",
+        ),
+    ] = _DEFAULTS.duration_s,
+    idle_flows: Annotated[
+        int,
+        typer.Option(
+            "--idle-flows",
+            min=1,
+            metavar="N",
+            help="Idle flows held through uproxy to measure its memory per flow.",
+        ),
+    ] = _DEFAULTS.idle_flows,
+    relay: Annotated[
+        list[Relay] | None,
+        typer.Option(
+            "--relay",
+            metavar="RELAY",
+            help="Measure only this relay (kernel, haproxy, uproxy, uproxy-identity); repeat "
+            "for more. [default: all four, in that order]",
+            show_default=False,
+        ),
+    ] = None,
+    uproxy_syn_to_tproxy: Annotated[
+        bool,
+        typer.Option(
+            "--uproxy-syn-to-tproxy",
+            help="Put uproxy behind HAProxy's rules (! --syn on the socket shortcut) instead "
+            "of the seed's.",
+        ),
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the figures as JSON instead of a table.")
+    ] = False,
+) -> None:
+    """Measure throughput, HTTP request rates and idle-flow memory through each relay.
+
+    Kernel forwarding, HAProxy and uproxy serve, each on a fresh lab of namespaces. Needs root.
+    """
+    # One line per paragraph above: --help keeps the docstring's line breaks.
+    if os.geteuid() != 0:
+        raise CommandError("uproxy bench needs root (network namespaces, iptables, apt-get)")
+    settings = BenchSettings(
+        relays=_in_bench_order(relay or list(Relay)),
+        duration_s=duration,
+        idle_flows=idle_flows,
+        uproxy_syn_to_tproxy=uproxy_syn_to_tproxy,
+    )
+    try:
+        with _sigterm_as_interrupt():
+            report = run_bench(settings, _progress)
+    except LabError as exc:
+        raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        # run_bench has stopped its daemons and deleted the lab on the way out.
+        raise CommandError("interrupted", EXIT_INTERRUPTED) from None
+    if json_output:
+        print(json.dumps(report_as_json(report), indent=2))
+    else:
+        print(format_report(report), end="")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Let ``kill`` clean up as Ctrl-C does: the daemons run in sessions of their own and would
+    outlive a bench that died of SIGTERM's default action."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _in_bench_order(relays: list[Relay]) -> tuple[Relay, ...]:
+    """Each chosen relay once, baselines first, whatever order they were given in."""
+    return tuple(relay for relay in Relay if relay in relays)
+
+
+def _progress(message: str) -> None:
+    print(f"uproxy bench: {message}", file=sys.stderr, flush=True)
