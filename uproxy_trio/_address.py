@@ -63,6 +63,8 @@ def from_sockaddr(sockaddr: tuple[object, ...]) -> Address:
     back the plain IPv4 form so the outgoing socket is IPv4, as the client's was.
     """
     host, port = str(sockaddr[0]), int(str(sockaddr[1]))
+    if len(sockaddr) == 2:
+        return (host, port)  # IPv4: the kernel's dotted quad is already canonical
     parsed = ipaddress.ip_address(host.split("%", 1)[0])
     if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
         return (str(parsed.ipv4_mapped), port)

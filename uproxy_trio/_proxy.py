@@ -1,9 +1,16 @@
 """The data path, top to bottom: accept → connect out → two relay directions → close.
 
-Each accepted connection gets a nursery with one task per direction. A direction either copies
-bytes straight through or runs them through its interceptor chain; when it ends it tells the
-flow's ``FlowEnding``, which decides whether the other direction goes on (half-close) or the
-whole flow is reset. Nothing here buffers more than one read per direction.
+Each accepted connection gets a task and a nursery: the task relays client-to-server itself
+and a child task relays server-to-client. A direction either copies bytes straight through
+(recv/send for small reads, splice(2) for bulk) or runs them through its interceptor chain;
+when it ends it tells the flow's ``FlowEnding``, which decides whether the other direction goes
+on (half-close) or the whole flow is reset.
+
+Sockets are plain non-blocking sockets: a read or write is tried at once and the task only
+waits (``trio.lowlevel.wait_readable``/``wait_writable``) when the kernel says it would block,
+so a request and its response cost the relay four system calls and no trip through the
+scheduler. Because nothing awaits between reading into the shared buffer and writing it out,
+one buffer serves every flow; the rare write that would block takes a copy first.
 """
 
 from __future__ import annotations
@@ -42,7 +49,6 @@ from ._transparent import (
     is_own_listener,
     open_transparent_listener,
     reset,
-    set_nodelay,
 )
 
 # Errors accept(2) returns when the host is short of descriptors or memory: back off and
@@ -50,12 +56,19 @@ from ._transparent import (
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_S = 0.1
 
-# One read per direction at most is held in memory. A read that fills all 64 KiB means bulk
-# data, which then moves by splice(2) instead (see _copy).
+# The shared buffer for plain reads. A read that fills it means bulk data, which then moves
+# by splice(2) instead (see _copy).
 READ_SIZE = 65536
+
+# Interceptors get chunks of up to this much: large reads, fewer chunks, less overhead each.
+INTERCEPT_READ_SIZE = 262144
 
 # A splice burst smaller than this means the bulk is over: back to recv/send.
 SPLICE_MIN_BURST = 16384
+
+# A direction that never has to wait (data always there, sink always writable) yields to the
+# other tasks after this many reads, as Trio's fairness asks.
+FAIRNESS_READS = 16
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
@@ -64,35 +77,10 @@ LOGGER = logging.getLogger("uproxy_trio")
 
 @dataclass(slots=True)
 class _Counts:
-    """What one direction moved: bytes delivered to its sink, and when it last read any."""
+    """What one direction moved: bytes read from its source and delivered to its sink."""
 
+    read: int = 0
     written: int = 0
-    last_read: float = 0.0
-
-
-@dataclass(slots=True)
-class _SourceReader:
-    """A socket as an async iterator of chunks, remembering whether it was reset.
-
-    The memory matters because an interceptor sits between this reader and the relay and may
-    swallow the exception; the relay must still reset the flow rather than pass on a FIN.
-    """
-
-    sock: trio.socket.SocketType
-    counts: _Counts
-    reset_error: OSError | None = field(default=None)
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                data = await self.sock.recv(READ_SIZE)
-            except OSError as exc:
-                self.reset_error = exc
-                raise
-            if not data:
-                return
-            self.counts.last_read = trio.current_time()
-            yield data
 
 
 class Proxy:
@@ -129,6 +117,7 @@ class Proxy:
         self._drained = trio.Event()
         self._started = False
         self._pipes = PipePool() if SPLICE_AVAILABLE else None
+        self._buffer = memoryview(bytearray(READ_SIZE))
         self._closed_bytes = dict.fromkeys(Direction, 0)
         self._live_counts: list[dict[Direction, _Counts]] = []
 
@@ -169,10 +158,10 @@ class Proxy:
         try:
             with ExitStack() as listeners_open:
                 # Held here so that a failure to bind the third listener closes the first two.
-                listeners: list[trio.socket.SocketType] = []
+                listeners: list[socket.socket] = []
                 for address in listen:
-                    listener = await open_transparent_listener(address, reuse_port=self._reuse_port)
-                    listeners_open.callback(listener.close)
+                    listener = open_transparent_listener(address, reuse_port=self._reuse_port)
+                    listeners_open.callback(_close, listener)
                     listeners.append(listener)
                 self._listening = [from_sockaddr(sock.getsockname()) for sock in listeners]
                 for address in self._listening:
@@ -208,7 +197,7 @@ class Proxy:
             self._flows_scope.cancel()
         return remaining
 
-    async def _accept_loop(self, listener: trio.socket.SocketType, flows: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: socket.socket, flows: trio.Nursery) -> None:
         while True:
             # Wait for a connection before taking a slot, so an idle listener never holds
             # capacity that a busy one needs; at the limit the kernel keeps the connections
@@ -217,7 +206,11 @@ class Proxy:
             if self._slots is not None:
                 await self._slots.acquire()
             try:
-                client_sock, _ = await listener.accept()
+                client_sock, _ = listener.accept()
+                client_sock.setblocking(False)
+            except BlockingIOError:
+                self._release_slot()  # gone again (reset, or another worker took it)
+                continue
             except OSError as exc:
                 self._release_slot()
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
@@ -227,9 +220,6 @@ class Proxy:
                 )
                 await trio.sleep(ACCEPT_RETRY_S)
                 continue
-            except BaseException:
-                self._release_slot()
-                raise
             self._active += 1
             flows.start_soon(self._run_flow, client_sock, next(self._flow_ids))
 
@@ -237,7 +227,7 @@ class Proxy:
         if self._slots is not None:
             self._slots.release()
 
-    async def _run_flow(self, client_sock: trio.socket.SocketType, flow_id: int) -> None:
+    async def _run_flow(self, client_sock: socket.socket, flow_id: int) -> None:
         try:
             with client_sock:
                 await self._relay_flow(client_sock, flow_id)
@@ -250,7 +240,7 @@ class Proxy:
             if self._draining and self._active == 0:
                 self._drained.set()
 
-    async def _relay_flow(self, client_sock: trio.socket.SocketType, flow_id: int) -> None:
+    async def _relay_flow(self, client_sock: socket.socket, flow_id: int) -> None:
         emit = self._emit
         try:
             flow = Flow(
@@ -263,7 +253,6 @@ class Proxy:
             return  # the client reset before we looked: nothing to relay, nobody to tell
         started = trio.current_time()
         emit(FlowOpened(flow))
-        set_nodelay(client_sock)
 
         if is_own_listener(flow.server, self._listening):
             # Connecting out would reach our own listener, which would connect out again...
@@ -285,37 +274,34 @@ class Proxy:
 
         with server_sock:
             ending = FlowEnding()
-            counts = {direction: _Counts(last_read=started) for direction in Direction}
+            counts = {direction: _Counts() for direction in Direction}
             self._live_counts.append(counts)
             try:
                 async with trio.open_nursery() as directions:
-
-                    async def run_direction(
-                        direction: Direction,
-                        source: trio.socket.SocketType,
-                        sink: trio.socket.SocketType,
-                    ) -> None:
-                        chain = chain_for(self._interceptors, direction)
-                        end = await _relay(
-                            flow, direction, source, sink, chain, counts[direction], self._pipes
-                        )
-                        if end.kind is EndKind.EOF:
-                            emit(HalfClosed(flow, direction.source))
-                        elif end.kind is EndKind.INTERCEPTOR_FAILED and end.error is not None:
-                            emit(InterceptorFailed(flow, direction, end.error))
-                        if ending.record(end):
-                            directions.cancel_scope.cancel()
-
-                    directions.start_soon(
-                        run_direction, Direction.CLIENT_TO_SERVER, client_sock, server_sock
-                    )
-                    directions.start_soon(
-                        run_direction, Direction.SERVER_TO_CLIENT, server_sock, client_sock
-                    )
+                    scope = directions.cancel_scope
                     if self._idle_timeout is not None:
                         directions.start_soon(
-                            _watch_idle, self._idle_timeout, counts, ending, directions.cancel_scope
+                            _watch_idle, self._idle_timeout, counts, ending, scope
                         )
+                    directions.start_soon(
+                        self._relay_direction,
+                        flow,
+                        Direction.SERVER_TO_CLIENT,
+                        server_sock,
+                        client_sock,
+                        counts[Direction.SERVER_TO_CLIENT],
+                        ending,
+                        scope,
+                    )
+                    await self._relay_direction(
+                        flow,
+                        Direction.CLIENT_TO_SERVER,
+                        client_sock,
+                        server_sock,
+                        counts[Direction.CLIENT_TO_SERVER],
+                        ending,
+                        scope,
+                    )
             finally:
                 # Both directions are over (or the flow was cancelled): the only question left
                 # is FIN or RST, and FlowEnding answers it.
@@ -335,6 +321,36 @@ class Proxy:
                         _since(started),
                     )
                 )
+
+    async def _relay_direction(
+        self,
+        flow: Flow,
+        direction: Direction,
+        source: socket.socket,
+        sink: socket.socket,
+        counts: _Counts,
+        ending: FlowEnding,
+        flow_scope: trio.CancelScope,
+    ) -> None:
+        """Move one direction until its source's EOF, pass the EOF on as a FIN, and tell the
+        flow how this direction ended."""
+        chain = chain_for(self._interceptors, direction)
+        error: BaseException | None = None
+        if chain:
+            kind, error = await _copy_intercepted(flow, direction, source, sink, chain, counts)
+        else:
+            kind = await _copy(source, sink, counts, self._buffer, self._pipes)
+        if kind is EndKind.EOF:
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                kind = EndKind.SINK_RESET
+        if kind is EndKind.EOF:
+            self._emit(HalfClosed(flow, direction.source))
+        elif kind is EndKind.INTERCEPTOR_FAILED and error is not None:
+            self._emit(InterceptorFailed(flow, direction, error))
+        if ending.record(DirectionEnd(direction, kind, error)):
+            flow_scope.cancel()
 
 
 async def serve(
@@ -367,64 +383,52 @@ async def _watch_idle(
     ending: FlowEnding,
     directions: trio.CancelScope,
 ) -> None:
-    """End the flow once neither direction has read a byte for ``timeout`` seconds."""
+    """End the flow once neither direction has read a byte for ``timeout`` seconds.
+
+    It looks four times per timeout whether the byte counts moved, rather than have every
+    read note the time: an idle flow ends between ``timeout`` and 1.25 times that.
+    """
+    last_change, last_seen = trio.current_time(), -1
     while True:
-        last = max(count.last_read for count in counts.values())
-        if trio.current_time() - last >= timeout:
+        seen = sum(count.read for count in counts.values())
+        now = trio.current_time()
+        if seen != last_seen:
+            last_change, last_seen = now, seen
+        elif now - last_change >= timeout:
             ending.expire()
             directions.cancel()
             return
-        await trio.sleep_until(last + timeout)
-
-
-async def _relay(
-    flow: Flow,
-    direction: Direction,
-    source: trio.socket.SocketType,
-    sink: trio.socket.SocketType,
-    chain: Sequence[Interceptor],
-    counts: _Counts,
-    pipes: PipePool | None,
-) -> DirectionEnd:
-    """Move one direction until its source's EOF, then pass the EOF on as a FIN."""
-    if chain:
-        kind, error = await _copy_intercepted(flow, direction, source, sink, chain, counts)
-    else:
-        kind, error = await _copy(source, sink, counts, pipes), None
-    if kind is EndKind.EOF:
-        try:
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            kind = EndKind.SINK_RESET
-    return DirectionEnd(direction, kind, error)
+        await trio.sleep(timeout / 4)
 
 
 async def _copy(
-    source: trio.socket.SocketType,
-    sink: trio.socket.SocketType,
+    source: socket.socket,
+    sink: socket.socket,
     counts: _Counts,
+    buffer: memoryview,
     pipes: PipePool | None,
 ) -> EndKind:
     """Copy without interceptors, choosing the path per read like HAProxy's splice-auto.
 
-    Small reads (requests, responses, keystrokes) go through recv/send: two system calls and
-    no pipe. Once a read fills the whole buffer the flow is moving bulk data, and it switches
-    to splice(2), where the bytes never enter Python; when a burst turns small again, it
-    switches back.
+    Small reads (requests, responses, keystrokes) go through recv_into/send on the shared
+    buffer: two system calls, no pipe, no allocation. Once a read fills the whole buffer the
+    flow is moving bulk data, and it switches to splice(2), where the bytes never enter
+    Python; when a burst turns small again, it switches back.
     """
     splicing = False
+    reads = 0
     while True:
         if splicing and pipes is not None:
-            await trio.lowlevel.wait_readable(source)
             try:
                 pipe = pipes.take()
             except OSError:
-                splicing = False  # no descriptor for a pipe right now: copy this read
+                splicing = False  # no descriptor for a pipe right now: copy instead
                 continue
             try:
                 moved, eof = await splice_burst(source, sink, pipe)
             except SpliceFailed as failure:
                 pipe.close()
+                counts.read += failure.moved
                 counts.written += failure.moved
                 if failure.unsupported:
                     pipes = None
@@ -436,30 +440,84 @@ async def _copy(
                 pipe.close()  # cancelled mid-burst: the pipe may still hold bytes
                 raise
             pipes.give_back(pipe)
+            counts.read += moved
             counts.written += moved
-            if moved:
-                counts.last_read = trio.current_time()
             if eof:
                 return EndKind.EOF
-            splicing = moved >= SPLICE_MIN_BURST
+            if moved == 0:
+                await trio.lowlevel.wait_readable(source)
+            elif moved < SPLICE_MIN_BURST:
+                splicing = False
             continue
         try:
-            data = await source.recv(READ_SIZE)
+            size = source.recv_into(buffer)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(source)
+            reads = 0
+            continue
         except OSError:
             return EndKind.SOURCE_RESET
-        if not data:
+        if size == 0:
             return EndKind.EOF
-        counts.last_read = trio.current_time()
-        if not await _send_all(sink, data, counts):
+        counts.read += size
+        try:
+            sent = sink.send(buffer[:size])
+        except BlockingIOError:
+            sent = 0
+        except OSError:
             return EndKind.SINK_RESET
-        splicing = len(data) == READ_SIZE
+        counts.written += sent
+        if sent < size:
+            # The sink is full: take the rest out of the shared buffer before waiting.
+            if not await _send_all(sink, bytes(buffer[sent:size]), counts):
+                return EndKind.SINK_RESET
+            reads = 0
+        splicing = size == len(buffer)
+        reads += 1
+        if reads >= FAIRNESS_READS:
+            await trio.lowlevel.checkpoint()
+            reads = 0
+
+
+@dataclass(slots=True)
+class _SourceReader:
+    """A socket as an async iterator of chunks, remembering whether it was reset.
+
+    The memory matters because an interceptor sits between this reader and the relay and may
+    swallow the exception; the relay must still reset the flow rather than pass on a FIN.
+    """
+
+    sock: socket.socket
+    counts: _Counts
+    reset_error: OSError | None = field(default=None)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        reads = 0
+        while True:
+            try:
+                data = self.sock.recv(INTERCEPT_READ_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                reads = 0
+                continue
+            except OSError as exc:
+                self.reset_error = exc
+                raise
+            if not data:
+                return
+            self.counts.read += len(data)
+            reads += 1
+            if reads >= FAIRNESS_READS:
+                await trio.lowlevel.checkpoint()
+                reads = 0
+            yield data
 
 
 async def _copy_intercepted(
     flow: Flow,
     direction: Direction,
-    source: trio.socket.SocketType,
-    sink: trio.socket.SocketType,
+    source: socket.socket,
+    sink: socket.socket,
     chain: Sequence[Interceptor],
     counts: _Counts,
 ) -> tuple[EndKind, BaseException | None]:
@@ -479,17 +537,25 @@ async def _copy_intercepted(
     return EndKind.EOF, None
 
 
-async def _send_all(sink: trio.socket.SocketType, data: bytes, counts: _Counts) -> bool:
-    """Write all of ``data``; false if the sink is gone (reset, or its read side shut)."""
+async def _send_all(sink: socket.socket, data: bytes, counts: _Counts) -> bool:
+    """Write all of ``data``, waiting while the sink is full; false if the sink is gone."""
     view = memoryview(data)
     while view:
         try:
-            sent = await sink.send(view)
+            sent = sink.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sink)
+            continue
         except OSError:
             return False
         counts.written += sent
         view = view[sent:]
     return True
+
+
+def _close(sock: socket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
 
 
 def _safe_sink(on_event: EventSink) -> EventSink:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 
 import trio
 
@@ -92,11 +93,7 @@ class PipePool:
             self._idle.pop().close()
 
 
-async def splice_burst(
-    source: trio.socket.SocketType,
-    sink: trio.socket.SocketType,
-    pipe: Pipe,
-) -> tuple[int, bool]:
+async def splice_burst(source: socket.socket, sink: socket.socket, pipe: Pipe) -> tuple[int, bool]:
     """Move what the source has now through ``pipe`` to the sink.
 
     Returns ``(bytes moved, eof)``; stops when the source would block, at EOF, or after

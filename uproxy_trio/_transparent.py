@@ -35,7 +35,7 @@ class TransparencyUnavailable(PermissionError):
     """The process may not set ``IP_TRANSPARENT``: it lacks CAP_NET_ADMIN."""
 
 
-def _make_transparent(sock: trio.socket.SocketType) -> None:
+def _make_transparent(sock: socket.socket) -> None:
     if sock.family == socket.AF_INET6:
         level, option = socket.IPPROTO_IPV6, IPV6_TRANSPARENT
     else:
@@ -49,9 +49,12 @@ def _make_transparent(sock: trio.socket.SocketType) -> None:
         ) from None
 
 
-def _transparent_socket(address: Address) -> trio.socket.SocketType:
-    sock = trio.socket.socket(family_of(address), socket.SOCK_STREAM)
+def _transparent_socket(address: Address) -> socket.socket:
+    # Plain non-blocking sockets, driven with trio.lowlevel.wait_readable/wait_writable: a
+    # relay does a system call only when one is needed, and holds no wrapper per socket.
+    sock = socket.socket(family_of(address), socket.SOCK_STREAM)
     try:
+        sock.setblocking(False)
         _make_transparent(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     except BaseException:
@@ -60,9 +63,7 @@ def _transparent_socket(address: Address) -> trio.socket.SocketType:
     return sock
 
 
-async def open_transparent_listener(
-    address: Address, *, reuse_port: bool = False
-) -> trio.socket.SocketType:
+def open_transparent_listener(address: Address, *, reuse_port: bool = False) -> socket.socket:
     """Bind and listen on ``address`` so that TPROXY can hand us flows for any destination.
 
     ``reuse_port`` lets several processes listen on the same address, the kernel spreading
@@ -76,7 +77,9 @@ async def open_transparent_listener(
             # One listener per family, as trio does: [::] then means IPv6 only, and a user can
             # list 0.0.0.0 beside it without a clash.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind(address)
+        # Accepted sockets inherit it: one system call per listener instead of one per flow.
+        set_nodelay(sock)
+        sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
@@ -107,35 +110,41 @@ def _connect_failure_reason(exc: OSError) -> str:
     return type(exc).__name__
 
 
-async def connect_transparent(
-    client: Address, server: Address, timeout: float
-) -> trio.socket.SocketType:
+async def connect_transparent(client: Address, server: Address, timeout: float) -> socket.socket:
     """Connect to ``server`` from the client's own ``client`` address.
 
     Raises ``ConnectFailed`` for what a client would otherwise have seen as an error
-    (refused, unreachable, no answer within ``timeout`` seconds).
+    (refused, unreachable, no answer within ``timeout`` seconds), and for a local failure
+    such as running out of descriptors or the client's 4-tuple being taken here.
     """
     try:
         sock = _transparent_socket(client)
+    except TransparencyUnavailable:
+        raise
     except OSError as exc:
-        # Typically EMFILE/ENFILE: this client is reset, the proxy goes on.
         raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
     try:
         try:
-            await sock.bind(client)
+            sock.bind(client)
         except OSError as exc:
             raise ConnectFailed(
                 f"cannot bind to client address {format_address(client)}: "
                 f"{_connect_failure_reason(exc)}",
                 exc,
             ) from exc
-        with trio.move_on_after(timeout) as deadline:
-            try:
-                await sock.connect(server)
-            except OSError as exc:
-                raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
-        if deadline.cancelled_caught:
-            raise ConnectFailed("timeout")
+        try:
+            sock.connect(server)
+        except BlockingIOError:
+            with trio.move_on_after(timeout) as deadline:
+                await trio.lowlevel.wait_writable(sock)
+            if deadline.cancelled_caught:
+                raise ConnectFailed("timeout") from None
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                failure = OSError(error, os.strerror(error))
+                raise ConnectFailed(_connect_failure_reason(failure), failure) from None
+        except OSError as exc:
+            raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
         set_nodelay(sock)
     except BaseException:
         sock.close()
@@ -172,7 +181,7 @@ def _is_local_address(host: str) -> bool:
     return True
 
 
-def set_nodelay(sock: trio.socket.SocketType) -> None:
+def set_nodelay(sock: socket.socket) -> None:
     """Forward each read at once: Nagle on a relay stacks a second delay on the sender's own."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -180,7 +189,7 @@ def set_nodelay(sock: trio.socket.SocketType) -> None:
         pass  # the peer may already have reset; the relay will see that itself
 
 
-def reset(sock: trio.socket.SocketType) -> None:
+def reset(sock: socket.socket) -> None:
     """Close ``sock`` with a RST, so the peer sees the same abort we saw on the other side."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
