@@ -61,6 +61,15 @@ def bench(
             "of the seed's.",
         ),
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            metavar="N",
+            help="uproxy's --workers and HAProxy's nbthread, the same for both.",
+        ),
+    ] = _DEFAULTS.workers,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the figures as JSON instead of a table.")
     ] = False,
@@ -77,6 +86,7 @@ def bench(
         duration_s=duration,
         idle_flows=idle_flows,
         uproxy_syn_to_tproxy=uproxy_syn_to_tproxy,
+        workers=workers,
     )
     try:
         with _sigterm_as_interrupt():

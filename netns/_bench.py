@@ -96,6 +96,8 @@ class BenchSettings:
     """wrk's concurrent connections, for both HTTP benchmarks."""
     uproxy_syn_to_tproxy: bool = False
     """Put uproxy behind HAProxy's rules (with ``! --syn``) instead of the seed's."""
+    workers: int = 1
+    """uproxy's ``--workers`` and HAProxy's ``nbthread``, the same for both."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +162,7 @@ def _bench_relay(
             stack.enter_context(running_nginx(lab.server, workdir, SERVER_V4, HTTP_PORT)),
             stack.enter_context(running_iperf_server(lab.server, workdir, SERVER_V4, IPERF_PORT)),
         ]
-        proxy = stack.enter_context(_running_relay(lab, relay, workdir))
+        proxy = stack.enter_context(_running_relay(lab, relay, workdir, settings.workers))
         if proxy is not None:
             daemons.append(proxy)
         progress(f"{relay}: iperf3 client to server, then server to client")
@@ -206,17 +208,25 @@ def _wrk(lab: Lab, settings: BenchSettings, *, keep_alive: bool) -> HttpResult:
 
 
 @contextmanager
-def _running_relay(lab: Lab, relay: Relay, workdir: Path) -> Iterator[Service | None]:
+def _running_relay(lab: Lab, relay: Relay, workdir: Path, workers: int) -> Iterator[Service | None]:
     """The proxy daemon ``relay`` needs, for the block; ``None`` for kernel forwarding."""
     if relay is Relay.KERNEL:
         yield None
         return
     if relay is Relay.HAPROXY:
-        with running_haproxy(lab.proxy, workdir, PROXY_LISTEN_HOST, PROXY_LISTEN_PORT) as proxy:
+        with running_haproxy(
+            lab.proxy, workdir, PROXY_LISTEN_HOST, PROXY_LISTEN_PORT, workers
+        ) as proxy:
             yield proxy
         return
     interceptors = [IDENTITY_INTERCEPTOR] if relay is Relay.UPROXY_IDENTITY else []
     with running_uproxy(
-        lab.proxy, workdir, PROXY_LISTEN_HOST, PROXY_LISTEN_PORT, interceptors, name=str(relay)
+        lab.proxy,
+        workdir,
+        PROXY_LISTEN_HOST,
+        PROXY_LISTEN_PORT,
+        interceptors,
+        name=str(relay),
+        workers=workers,
     ) as proxy:
         yield proxy

@@ -24,14 +24,14 @@ from ._services import Service, running
 _MAX_CONNECTIONS = 8000
 
 
-def haproxy_config(listen_host: str, listen_port: int, pid_file: Path) -> str:
+def haproxy_config(listen_host: str, listen_port: int, pid_file: Path, threads: int = 1) -> str:
     """One TCP frontend on the TPROXY port, relaying to each flow's original destination."""
     listen = format_address((listen_host, listen_port))
     return f"""\
 global
     maxconn {_MAX_CONNECTIONS}
     pidfile {pid_file}
-    nbthread 1
+    nbthread {threads}
 
 defaults
     mode tcp
@@ -51,13 +51,13 @@ backend original_destination
 
 @contextmanager
 def running_haproxy(
-    namespace: Namespace, workdir: Path, listen_host: str, listen_port: int
+    namespace: Namespace, workdir: Path, listen_host: str, listen_port: int, threads: int = 1
 ) -> Iterator[Service]:
     """HAProxy in the foreground (``-db``) in ``namespace`` for the block, files in ``workdir``."""
     directory = workdir / "haproxy"
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "haproxy.cfg"
-    config.write_text(haproxy_config(listen_host, listen_port, directory / "haproxy.pid"))
+    config.write_text(haproxy_config(listen_host, listen_port, directory / "haproxy.pid", threads))
     argv = [find_command("haproxy") or "haproxy", "-db", "-f", str(config)]
     with running(namespace, "haproxy", argv, directory, ready_port=listen_port) as service:
         yield service

@@ -60,15 +60,27 @@ def ensure_open_files(flows: int) -> None:
 
 
 def resident_kib(pid: int) -> int:
-    """VmRSS of ``pid`` in KiB, from /proc/PID/status."""
+    """VmRSS of ``pid`` and all its descendants in KiB (``uproxy serve --workers`` is a parent
+    and its workers), from /proc/PID/status."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         raise LabError(f"process {pid} is gone") from None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise LabError(f"/proc/{pid}/status has no VmRSS")
+    own = next((line for line in status.splitlines() if line.startswith("VmRSS:")), None)
+    if own is None:
+        raise LabError(f"/proc/{pid}/status has no VmRSS")
+    return int(own.split()[1]) + sum(resident_kib(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    # Every thread's children: trio starts worker processes from a helper thread.
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def measure_idle_flows(

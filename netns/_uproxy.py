@@ -16,12 +16,14 @@ from ._services import Service, running
 BENCH_LOG_LEVEL = "warning"
 
 
-def uproxy_serve_argv(listen_host: str, listen_port: int, interceptors: Sequence[str]) -> list[str]:
+def uproxy_serve_argv(
+    listen_host: str, listen_port: int, interceptors: Sequence[str], workers: int = 1
+) -> list[str]:
     """``python -m uproxy_cli serve`` with the interpreter running us, so the proxy is the same
     installed package as the bench, whichever virtualenv that is."""
     listen = format_address((listen_host, listen_port))
     argv = [sys.executable, "-m", "uproxy_cli", "serve", "--listen", listen]
-    argv += ["--log-level", BENCH_LOG_LEVEL]
+    argv += ["--log-level", BENCH_LOG_LEVEL, "--workers", str(workers)]
     for spec in interceptors:
         argv += ["--interceptor", spec]
     return argv
@@ -36,8 +38,9 @@ def running_uproxy(
     interceptors: Sequence[str] = (),
     *,
     name: str = "uproxy",
+    workers: int = 1,
 ) -> Iterator[Service]:
     """``uproxy serve`` in ``namespace`` for the block, its log in ``workdir/NAME``."""
-    argv = uproxy_serve_argv(listen_host, listen_port, interceptors)
+    argv = uproxy_serve_argv(listen_host, listen_port, interceptors, workers)
     with running(namespace, name, argv, workdir / name, ready_port=listen_port) as service:
         yield service

@@ -416,8 +416,15 @@ async def _copy(
     Python; when a burst turns small again, it switches back.
     """
     splicing = False
+    # A read that returned less than the buffer most likely emptied the socket: wait for more
+    # before trying again, rather than pay a failing recv (and its exception) per message.
+    drained = False
     reads = 0
     while True:
+        if drained:
+            await trio.lowlevel.wait_readable(source)
+            drained = False
+            reads = 0
         if splicing and pipes is not None:
             try:
                 pipe = pipes.take()
@@ -473,6 +480,7 @@ async def _copy(
                 return EndKind.SINK_RESET
             reads = 0
         splicing = size == len(buffer)
+        drained = not splicing
         reads += 1
         if reads >= FAIRNESS_READS:
             await trio.lowlevel.checkpoint()
