@@ -52,9 +52,9 @@ def _make_transparent(sock: socket.socket) -> None:
 def _transparent_socket(address: Address) -> socket.socket:
     # Plain non-blocking sockets, driven with trio.lowlevel.wait_readable/wait_writable: a
     # relay does a system call only when one is needed, and holds no wrapper per socket.
-    sock = socket.socket(family_of(address), socket.SOCK_STREAM)
+    # SOCK_NONBLOCK at creation spares the ioctl that setblocking(False) would cost per flow.
+    sock = socket.socket(family_of(address), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         _make_transparent(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     except BaseException:
