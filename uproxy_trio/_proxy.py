@@ -119,7 +119,7 @@ class Proxy:
         self._pipes = PipePool() if SPLICE_AVAILABLE else None
         self._buffer = memoryview(bytearray(READ_SIZE))
         self._closed_bytes = dict.fromkeys(Direction, 0)
-        self._live_counts: list[dict[Direction, _Counts]] = []
+        self._live_counts: dict[int, dict[Direction, _Counts]] = {}
 
     @property
     def active_flows(self) -> int:
@@ -131,7 +131,7 @@ class Proxy:
         Computed when asked (for a metrics scrape, say), so the data path pays nothing.
         """
         totals = dict(self._closed_bytes)
-        for counts in self._live_counts:
+        for counts in self._live_counts.values():
             for direction, count in counts.items():
                 totals[direction] += count.written
         return totals
@@ -275,7 +275,7 @@ class Proxy:
         with server_sock:
             ending = FlowEnding()
             counts = {direction: _Counts() for direction in Direction}
-            self._live_counts.append(counts)
+            self._live_counts[flow.id] = counts
             try:
                 async with trio.open_nursery() as directions:
                     scope = directions.cancel_scope
@@ -308,7 +308,7 @@ class Proxy:
                 if not ending.clean:
                     reset(client_sock)
                     reset(server_sock)
-                self._live_counts.remove(counts)
+                del self._live_counts[flow.id]
                 for direction, count in counts.items():
                     self._closed_bytes[direction] += count.written
                 emit(
