@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -44,6 +45,12 @@ async def eventually_async(condition: Callable[[], Awaitable[bool]], timeout: fl
     with trio.fail_after(timeout):
         while not await condition():  # noqa: ASYNC110 - the state is in another process
             await trio.sleep(0.05)
+
+
+def raise_own_fd_limit() -> None:
+    """Tests that hold thousands of sockets need more than the usual soft limit of 1024."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def family_of(host: str) -> socket.AddressFamily:

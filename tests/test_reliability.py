@@ -4,7 +4,6 @@ dying peers, self-loops and privileges. Each test fails without the behaviour it
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from lab_tools import (
     echo_server,
     eventually,
     listen,
+    raise_own_fd_limit,
     recv_exactly,
     recv_until_eof,
     run_library_proxy,
@@ -326,11 +326,6 @@ async def test_a_flow_to_the_proxys_own_listener_is_refused(
 
 
 # --- no leaks --------------------------------------------------------------------------------
-
-
-def raise_own_fd_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def test_thousands_of_short_flows_leave_no_descriptor_behind(
