@@ -77,6 +77,17 @@ async def connect(ns: Namespace, host: str, port: int) -> trio.socket.SocketType
     return sock
 
 
+async def open_flow(
+    lab: Lab, server_ip: str, port: int = 9090
+) -> tuple[trio.socket.SocketType, trio.socket.SocketType, trio.socket.SocketType, Any]:
+    """A listener in the server namespace, a client connected to it through the proxy, and
+    the server's end: ``(listener, client, server, address the server saw)``."""
+    listener = await listen(lab.server, server_ip, port)
+    client = await connect(lab.client, server_ip, port)
+    server, peer = await listener.accept()
+    return listener, client, server, peer
+
+
 async def connect_expecting_reset(ns: Namespace, host: str, port: int) -> None:
     """Connect through the proxy and read until it resets us.
 

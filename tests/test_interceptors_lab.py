@@ -17,6 +17,7 @@ from lab_tools import (
     connect,
     echo_server,
     listen,
+    open_flow,
     recv_exactly,
     recv_until_eof,
     reset_close,
@@ -72,9 +73,7 @@ async def exchange(lab: Lab, request: bytes, respond: bool = True) -> tuple[byte
     """Send ``request`` and EOF; the server reads to EOF and echoes what it got; return what
     the server saw and what the client got back."""
     with trio.fail_after(10):
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        client = await connect(lab.client, SERVER_V4, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
         await send_all(client, request)
         client.shutdown(socket.SHUT_WR)
         seen = await recv_until_eof(server)
@@ -108,9 +107,7 @@ async def test_hold_until_eof_works_with_half_close(
 ) -> None:
     cli_proxy.start("-i", f"{interceptor_file}:reverse")
     with trio.fail_after(10):
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        client = await connect(lab.client, SERVER_V4, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
         await send_all(client, b"hel")
         await trio.sleep(0.05)
         await send_all(client, b"lo")
@@ -138,9 +135,7 @@ async def test_interceptor_sees_the_flow(inside_proxy: Lab, client_ip: str, serv
     async with trio.open_nursery() as nursery:
         await nursery.start(run_library_proxy, events, {"interceptors": [describe]})
         with trio.fail_after(10):
-            listener = await listen(lab.server, server_ip, 9090)
-            client = await connect(lab.client, server_ip, 9090)
-            server, peer = await listener.accept()
+            listener, client, server, peer = await open_flow(lab, server_ip)
             await send_all(client, b"Q")
             expected_up = f"1|('{client_ip}', {peer[1]})|('{server_ip}', 9090)|client_to_server|Q"
             assert await recv_exactly(server, len(expected_up)) == expected_up.encode()
@@ -208,9 +203,7 @@ async def test_a_stalled_interceptor_stops_reading_its_side(inside_proxy: Lab) -
     sent = 0
     async with trio.open_nursery() as nursery:
         await nursery.start(run_library_proxy, EventLog(), {"interceptors": [wait_for_gate]})
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        client = await connect(lab.client, SERVER_V4, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
         # Push as much as the path will take while the interceptor is stalled.
         with trio.move_on_after(2):
             while sent < len(payload):
@@ -354,9 +347,7 @@ async def test_example_redis_log(lab: Lab, cli_proxy: CliProxy) -> None:
         b"*3\r\n$3\r\nSET\r\n$5\r\nfruit\r\n$5\r\napple\r\n*2\r\n$3\r\nGET\r\n$5\r\nfruit\r\n"
     )
     with trio.fail_after(10):
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        client = await connect(lab.client, SERVER_V4, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
         # Pipelined, and cut in the middle of a bulk string.
         await send_all(client, commands[:30])
         await trio.sleep(0.05)

@@ -15,6 +15,7 @@ from lab_tools import (
     echo_server,
     eventually,
     listen,
+    open_flow,
     recv_exactly,
     recv_until_eof,
     reset_close,
@@ -40,9 +41,7 @@ async def test_flow_keeps_both_addresses_and_reports_its_life(
 ) -> None:
     lab = inside_proxy
     with trio.fail_after(10):
-        listener = await listen(lab.server, server_ip, 9090)
-        client = await connect(lab.client, server_ip, 9090)
-        server, peer = await listener.accept()
+        listener, client, server, peer = await open_flow(lab, server_ip)
         # Neither end can tell the proxy is there.
         assert peer[:2] == client.getsockname()[:2]
         assert peer[0] == client_ip
@@ -76,9 +75,7 @@ async def test_half_close_from_client_keeps_server_to_client_flowing(
     lab = inside_proxy
     request, response = b"GET / HTTP/1.0\r\n\r\n" * 1000, bytes(range(256)) * 4000
     with trio.fail_after(10):
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        client = await connect(lab.client, SERVER_V4, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
         await send_all(client, request)
         client.shutdown(socket.SHUT_WR)
         # The server sees every request byte, then the EOF, while its own side is still open.
@@ -97,9 +94,7 @@ async def test_half_close_from_server_keeps_client_to_server_flowing(
 ) -> None:
     lab = inside_proxy
     with trio.fail_after(10):
-        listener = await listen(lab.server, SERVER_V6, 9090)
-        client = await connect(lab.client, SERVER_V6, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V6)
         await send_all(server, b"banner")
         server.shutdown(socket.SHUT_WR)
         assert await recv_until_eof(client) == b"banner"
@@ -120,9 +115,7 @@ async def test_reset_on_one_side_resets_the_other(
 ) -> None:
     lab = inside_proxy
     with trio.fail_after(10):
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        client = await connect(lab.client, SERVER_V4, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
         await send_all(client, b"x")
         assert await recv_exactly(server, 1) == b"x"
         aborting, survivor = (client, server) if resetting_side == "client" else (server, client)

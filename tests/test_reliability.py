@@ -19,6 +19,7 @@ from lab_tools import (
     echo_server,
     eventually,
     listen,
+    open_flow,
     raise_own_fd_limit,
     recv_exactly,
     recv_until_eof,
@@ -79,9 +80,7 @@ async def test_drain_closes_listeners_at_once_and_lets_flows_finish(
 async def test_flows_left_after_the_grace_period_are_reset(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start("--grace", "0.5")
     with trio.fail_after(20):
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        client = await connect(lab.client, SERVER_V4, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
         await send_all(client, b"x")
         assert await recv_exactly(server, 1) == b"x"
         cli_proxy.send(signal.SIGINT)
@@ -98,9 +97,7 @@ async def test_flows_left_after_the_grace_period_are_reset(lab: Lab, cli_proxy: 
 async def test_a_second_signal_resets_at_once(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start("--grace", "600")
     with trio.fail_after(20):
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        client = await connect(lab.client, SERVER_V4, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
         await send_all(client, b"x")
         assert await recv_exactly(server, 1) == b"x"
         cli_proxy.send(signal.SIGTERM)

@@ -16,6 +16,7 @@ from lab_tools import (
     connect,
     echo_server,
     listen,
+    open_flow,
     recv_exactly,
     recv_until_eof,
     send_all,
@@ -33,9 +34,7 @@ async def test_server_sees_the_client_and_the_client_sees_the_server(
 ) -> None:
     cli_proxy.start()
     with trio.fail_after(10):
-        listener = await listen(lab.server, server_ip, 9090)
-        client = await connect(lab.client, server_ip, 9090)
-        server, peer = await listener.accept()
+        listener, client, server, peer = await open_flow(lab, server_ip)
         assert peer[:2] == client.getsockname()[:2]
         assert peer[0] == client_ip
         assert client.getpeername()[:2] == (server_ip, 9090)
@@ -62,9 +61,7 @@ async def test_32_mib_each_way_at_once_arrives_byte_exact(
     upload, download = os.urandom(size), os.urandom(size)
     received: dict[str, bytes] = {}
     with trio.fail_after(60):
-        listener = await listen(lab.server, server_ip, 9090)
-        client = await connect(lab.client, server_ip, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, server_ip)
 
         async def send_then_fin(sock: trio.socket.SocketType, data: bytes) -> None:
             await send_all(sock, data)
@@ -91,9 +88,7 @@ async def test_label_marks_every_read_both_ways(lab: Lab, cli_proxy: CliProxy) -
     cli_proxy.start("--label", "<via uproxy>")
     label = b"<via uproxy>\n"
     with trio.fail_after(10):
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        client = await connect(lab.client, SERVER_V4, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
         await send_all(client, b"hello")
         client.shutdown(socket.SHUT_WR)
         at_server = await recv_until_eof(server)

@@ -14,6 +14,7 @@ from lab_tools import (
     connect,
     echo_server,
     listen,
+    open_flow,
     raise_own_fd_limit,
     recv_exactly,
     reset_close,
@@ -67,9 +68,7 @@ async def test_a_reset_in_the_middle_of_a_splice_is_passed_on(
 ) -> None:
     cli_proxy.start()
     with trio.fail_after(20):
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        client = await connect(lab.client, SERVER_V4, 9090)
-        server, _ = await listener.accept()
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
 
         async def stream() -> None:
             # Ends with ECONNRESET or EPIPE once the reset arrives; anything else fails.
