@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 from ._namespace import LabError, run
 
@@ -28,6 +30,7 @@ _NONINTERACTIVE = ("env", "DEBIAN_FRONTEND=noninteractive")
 # Two benches started at once on a fresh machine both install: the second waits for the first
 # one's dpkg lock instead of failing at once.
 _WAIT_FOR_LOCK = ("-o", "DPkg::Lock::Timeout=300")
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 
 def find_command(command: str) -> str | None:
@@ -60,19 +63,35 @@ def ensure_packages(packages: Mapping[str, str] = BENCH_PACKAGES) -> list[str]:
     if find_command("apt-get") is None:
         raise LabError(f"missing {', '.join(missing)} and there is no apt-get to install them")
     run(["apt-get", *_WAIT_FOR_LOCK, "update", "-qq"])
-    run(
-        [
-            *_NONINTERACTIVE,
-            "apt-get",
-            *_WAIT_FOR_LOCK,
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            *missing,
-        ]
-    )
+    with _no_service_starts():
+        run(
+            [
+                *_NONINTERACTIVE,
+                "apt-get",
+                *_WAIT_FOR_LOCK,
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                *missing,
+            ]
+        )
     still_missing = missing_packages(packages)
     if still_missing:
         raise LabError(f"apt-get installed nothing that provides {', '.join(still_missing)}")
     return missing
+
+
+@contextmanager
+def _no_service_starts() -> Iterator[None]:
+    """Installing nginx or haproxy must not start the host's own services (nginx on port 80):
+    Debian's policy-rc.d refuses every service start while it exists."""
+    if POLICY_RC_D.exists():
+        yield
+        return
+    POLICY_RC_D.write_text("#!/bin/sh\nexit 101\n")
+    POLICY_RC_D.chmod(0o755)
+    try:
+        yield
+    finally:
+        POLICY_RC_D.unlink(missing_ok=True)
