@@ -55,6 +55,8 @@ from ._transparent import (
 # retry, since the flows in flight will give some back.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_S = 0.1
+# Connections taken per wake-up of an accept loop before it yields to the flows.
+ACCEPT_BATCH = 64
 
 # The shared buffer for plain reads. A read that fills it means bulk data, which then moves
 # by splice(2) instead (see _copy).
@@ -203,34 +205,41 @@ class Proxy:
             # capacity that a busy one needs; at the limit the kernel keeps the connections
             # in its backlog until a flow ends.
             await trio.lowlevel.wait_readable(listener)
-            if self._slots is not None:
-                await self._slots.acquire()
-            try:
-                client_sock, _ = listener.accept()
-                client_sock.setblocking(False)
-            except BlockingIOError:
-                self._release_slot()  # gone again (reset, or another worker took it)
-                continue
-            except OSError as exc:
-                self._release_slot()
-                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                LOGGER.error(
-                    "accept failed: %s; retrying in %ss", os.strerror(exc.errno), ACCEPT_RETRY_S
-                )
-                await trio.sleep(ACCEPT_RETRY_S)
-                continue
-            self._active += 1
-            flows.start_soon(self._run_flow, client_sock, next(self._flow_ids))
+            # Take every connection that is waiting, not one per wake-up: each wait costs
+            # Trio two epoll_ctl calls.
+            for _ in range(ACCEPT_BATCH):
+                if self._slots is not None and not _try_acquire(self._slots):
+                    await self._slots.acquire()
+                try:
+                    client_sock, client_address = listener.accept()
+                    client_sock.setblocking(False)
+                except BlockingIOError:
+                    self._release_slot()  # none left (or another worker took it)
+                    break
+                except OSError as exc:
+                    self._release_slot()
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    LOGGER.error(
+                        "accept failed: %s; retrying in %ss",
+                        os.strerror(exc.errno),
+                        ACCEPT_RETRY_S,
+                    )
+                    await trio.sleep(ACCEPT_RETRY_S)
+                    break
+                self._active += 1
+                flows.start_soon(self._run_flow, client_sock, client_address, next(self._flow_ids))
 
     def _release_slot(self) -> None:
         if self._slots is not None:
             self._slots.release()
 
-    async def _run_flow(self, client_sock: socket.socket, flow_id: int) -> None:
+    async def _run_flow(
+        self, client_sock: socket.socket, client_address: tuple[object, ...], flow_id: int
+    ) -> None:
         try:
             with client_sock:
-                await self._relay_flow(client_sock, flow_id)
+                await self._relay_flow(client_sock, client_address, flow_id)
         except Exception:
             # A bug in one flow must not take the others down with the nursery.
             LOGGER.exception("flow %d failed inside the proxy", flow_id)
@@ -240,12 +249,14 @@ class Proxy:
             if self._draining and self._active == 0:
                 self._drained.set()
 
-    async def _relay_flow(self, client_sock: socket.socket, flow_id: int) -> None:
+    async def _relay_flow(
+        self, client_sock: socket.socket, client_address: tuple[object, ...], flow_id: int
+    ) -> None:
         emit = self._emit
         try:
             flow = Flow(
                 flow_id,
-                client=from_sockaddr(client_sock.getpeername()),
+                client=from_sockaddr(client_address),
                 server=from_sockaddr(client_sock.getsockname()),
             )
         except OSError:
@@ -339,7 +350,9 @@ class Proxy:
         if chain:
             kind, error = await _copy_intercepted(flow, direction, source, sink, chain, counts)
         else:
-            kind = await _copy(source, sink, counts, self._buffer, self._pipes)
+            # A server rarely speaks before it has heard the client: wait before reading.
+            wait_first = direction is Direction.SERVER_TO_CLIENT
+            kind = await _copy(source, sink, counts, self._buffer, self._pipes, wait_first)
         if kind is EndKind.EOF:
             try:
                 sink.shutdown(socket.SHUT_WR)
@@ -407,6 +420,7 @@ async def _copy(
     counts: _Counts,
     buffer: memoryview,
     pipes: PipePool | None,
+    wait_first: bool = False,
 ) -> EndKind:
     """Copy without interceptors, choosing the path per read like HAProxy's splice-auto.
 
@@ -418,7 +432,7 @@ async def _copy(
     splicing = False
     # A read that returned less than the buffer most likely emptied the socket: wait for more
     # before trying again, rather than pay a failing recv (and its exception) per message.
-    drained = False
+    drained = wait_first
     reads = 0
     while True:
         if drained:
@@ -558,6 +572,14 @@ async def _send_all(sink: socket.socket, data: bytes, counts: _Counts) -> bool:
             return False
         counts.written += sent
         view = view[sent:]
+    return True
+
+
+def _try_acquire(slots: trio.Semaphore) -> bool:
+    try:
+        slots.acquire_nowait()
+    except trio.WouldBlock:
+        return False
     return True
 
 

@@ -22,6 +22,10 @@ from ._address import Address, family_of, format_address
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 
+# How often and how long apart connect() is retried while the 4-tuple is taken (50 ms in all).
+COLLISION_RETRIES = 10
+COLLISION_RETRY_S = 0.005
+
 # A full accept queue under a burst of SYNs costs the clients a retransmit (one second); the
 # kernel caps this at net.core.somaxconn anyway.
 LISTEN_BACKLOG = 4096
@@ -100,6 +104,26 @@ class ConnectFailed(Exception):
         self.error = error
 
 
+async def _connect_once_free(sock: socket.socket, server: Address) -> None:
+    """``connect()``, retried briefly while the 4-tuple is still taken.
+
+    When a client reuses its port at once, our previous flow's socket for the same 4-tuple may
+    still be in LAST_ACK, waiting a round trip for the server's final ACK, and connect() fails
+    with EADDRNOTAVAIL. That is our own leftover, not the client's doing, so it is worth a few
+    milliseconds; a 4-tuple that stays taken is a real collision and fails.
+    """
+    for _ in range(COLLISION_RETRIES):
+        try:
+            sock.connect(server)
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL:
+                raise
+            await trio.sleep(COLLISION_RETRY_S)
+        else:
+            return
+    sock.connect(server)
+
+
 def _connect_failure_reason(exc: OSError) -> str:
     if exc.errno == errno.ECONNREFUSED:
         return "refused"
@@ -133,7 +157,7 @@ async def connect_transparent(client: Address, server: Address, timeout: float) 
                 exc,
             ) from exc
         try:
-            sock.connect(server)
+            await _connect_once_free(sock, server)
         except BlockingIOError:
             with trio.move_on_after(timeout) as deadline:
                 await trio.lowlevel.wait_writable(sock)
