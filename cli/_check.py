@@ -7,10 +7,8 @@ every miss comes with the one command that fixes it.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import re
-import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,12 +17,9 @@ from pathlib import Path
 import typer
 
 from uproxy_netns import TproxySetup, has_local_route, has_policy_rule
-from uproxy_trio import format_address
+from uproxy_trio import format_address, transparency_available
 
 from ._rules import DEFAULT_LISTEN, InInterface, Listen, Mark, OutInterface, Table, build_setup
-
-# <linux/in.h>; Python's socket module does not name it.
-IP_TRANSPARENT = 19
 
 # `nft --check` sends this to the kernel, which validates every expression (loading the
 # modules it needs) and then throws the transaction away: nothing is ever installed.
@@ -72,19 +67,14 @@ def check_kernel() -> Check:
 
 def check_transparent() -> Check:
     what = "IP_TRANSPARENT can be set (CAP_NET_ADMIN)"
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EACCES):
-                raise
-            return Check(
-                what,
-                False,
-                "run as root, or give uproxy CAP_NET_ADMIN "
-                "(systemd: AmbientCapabilities=CAP_NET_ADMIN)",
-                "setsockopt refused: operation not permitted",
-            )
+    if not transparency_available():
+        return Check(
+            what,
+            False,
+            "run as root, or give uproxy CAP_NET_ADMIN "
+            "(systemd: AmbientCapabilities=CAP_NET_ADMIN)",
+            "setsockopt refused: operation not permitted",
+        )
     return Check(what, True)
 
 

@@ -80,3 +80,18 @@ def test_bad_check_input_is_one_line_and_exit_2() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("uproxy: error: Invalid value for '--listen'")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_without_cap_net_admin_the_capability_check_misses(lab: Lab) -> None:
+    no_capabilities = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
+    done = subprocess.run(
+        lab.proxy.exec_argv([*no_capabilities, *uproxy_command(), "check", *LISTEN_BOTH]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "MISS  IP_TRANSPARENT can be set (CAP_NET_ADMIN)" in done.stdout
+    assert "fix: run as root, or give uproxy CAP_NET_ADMIN" in done.stdout
+    assert "Traceback" not in done.stderr

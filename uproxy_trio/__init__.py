@@ -19,7 +19,7 @@ from ._events import (
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, directions, in_own_task
 from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
-from ._transparent import TransparencyUnavailable
+from ._transparent import TransparencyUnavailable, transparency_available
 
 __version__ = "0.1.0"
 
@@ -46,4 +46,5 @@ __all__ = [
     "log_event",
     "parse_address",
     "serve",
+    "transparency_available",
 ]

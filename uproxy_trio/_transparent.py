@@ -53,6 +53,16 @@ def _make_transparent(sock: socket.socket) -> None:
         ) from None
 
 
+def transparency_available() -> bool:
+    """Whether this process may make transparent sockets (has CAP_NET_ADMIN or CAP_NET_RAW)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            _make_transparent(probe)
+        except TransparencyUnavailable:
+            return False
+    return True
+
+
 def _transparent_socket(address: Address) -> socket.socket:
     # Plain non-blocking sockets, driven with trio.lowlevel.wait_readable/wait_writable: a
     # relay does a system call only when one is needed, and holds no wrapper per socket.
