@@ -94,6 +94,26 @@ async def test_flows_left_after_the_grace_period_are_reset(lab: Lab, cli_proxy: 
     assert "grace period over: resetting 1 flows" in cli_proxy.log
 
 
+async def test_a_flow_still_connecting_at_the_end_of_grace_is_reset(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    rule = ["INPUT", "-p", "tcp", "--dport", "9095", "-j", "DROP"]
+    lab.server.run(["iptables", "-I", *rule])
+    try:
+        cli_proxy.start("--grace", "0.5", "--connect-timeout", "60")
+        with trio.fail_after(20):
+            client = await connect(lab.client, SERVER_V4, 9095)
+            cli_proxy.wait_for_log("flow 1 open")
+            cli_proxy.send(signal.SIGTERM)
+            # Its upstream never answered: the client learns by a reset, not a clean FIN.
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(client)
+        client.close()
+    finally:
+        lab.server.run(["iptables", "-D", *rule])
+    assert cli_proxy.wait_exit() == 1
+
+
 async def test_a_second_signal_resets_at_once(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start("--grace", "600")
     with trio.fail_after(20):

@@ -281,6 +281,9 @@ class Proxy:
             emit(UpstreamFailed(flow, failure.reason))
             emit(FlowClosed(flow, f"upstream_{failure.reason}", None, 0, 0, _since(started)))
             return
+        except BaseException:
+            reset(client_sock)  # cancelled while connecting (the proxy is stopping): no FIN
+            raise
         emit(UpstreamConnected(flow, _since(started)))
 
         with server_sock:
