@@ -115,8 +115,11 @@ def status() -> None:
     Example:
       uproxy lab status
     """
-    for tag in kept_labs():
+    tags = kept_labs()
+    for tag in tags:
         typer.echo(tag)
+    if not tags:
+        typer.echo("no lab is up (uproxy lab up starts one)", err=True)
 
 
 for _command in (up, down, status):

@@ -100,6 +100,12 @@ def test_lab_up_status_down(lab: Lab) -> None:
         assert down.stdout.strip() == f"lab {tag} removed"
         assert namespaces_of(tag) == []
         assert tag not in kept_labs()
+        status = subprocess.run(
+            [*uproxy_command(), "lab", "status"], capture_output=True, text=True, check=False
+        )
+        assert tag not in status.stdout.split()
+        if not kept_labs():
+            assert status.stderr.strip() == "no lab is up (uproxy lab up starts one)"
         again = subprocess.run(
             [*uproxy_command(), "lab", "down", tag], capture_output=True, text=True, check=False
         )
