@@ -8,6 +8,7 @@ switch this thread's namespace with setns(2) just long enough to call socket(2).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import socket
 import subprocess
@@ -24,9 +25,14 @@ class LabError(RuntimeError):
     """A lab command failed; the message carries the command and what it printed."""
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # Loaded once: a test opens thousands of sockets, each through two setns calls.
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
 
