@@ -472,6 +472,10 @@ async def _copy(
                 await trio.lowlevel.wait_readable(source)
             elif moved < SPLICE_MIN_BURST:
                 splicing = False
+            else:
+                # A burst stops at BURST_LIMIT so that a flow whose bytes never run out still
+                # lets the others have their turn.
+                await trio.lowlevel.checkpoint()
             continue
         try:
             size = source.recv_into(buffer)
