@@ -11,7 +11,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,18 @@ async def connect(ns: Namespace, host: str, port: int) -> trio.socket.SocketType
         sock.close()
         raise
     return sock
+
+
+@contextmanager
+def silent_server_port(lab: Lab, port: int) -> Iterator[None]:
+    """For the block, the server host drops every packet to ``port``: an upstream that never
+    answers a SYN."""
+    rule = ["INPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"]
+    lab.server.run(["iptables", "-I", *rule])
+    try:
+        yield
+    finally:
+        lab.server.run(["iptables", "-D", *rule])
 
 
 async def open_flow(

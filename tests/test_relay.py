@@ -21,6 +21,7 @@ from lab_tools import (
     reset_close,
     run_library_proxy,
     send_all,
+    silent_server_port,
 )
 
 from uproxy_netns import SERVER_V4, SERVER_V6, Lab
@@ -152,9 +153,8 @@ async def test_upstream_failure_resets_the_client(
 
 async def test_silent_upstream_times_out_and_resets_the_client(inside_proxy: Lab) -> None:
     lab = inside_proxy
-    lab.server.run(["iptables", "-I", "INPUT", "-p", "tcp", "--dport", "9093", "-j", "DROP"])
     events = EventLog()
-    try:
+    with silent_server_port(lab, 9093):
         async with trio.open_nursery() as nursery:
             await nursery.start(run_library_proxy, events, {"connect_timeout": 0.5})
             with trio.fail_after(5):
@@ -166,8 +166,6 @@ async def test_silent_upstream_times_out_and_resets_the_client(inside_proxy: Lab
                 client.close()
                 (failed,) = await events.wait_for(UpstreamFailed)
             nursery.cancel_scope.cancel()
-    finally:
-        lab.server.run(["iptables", "-D", "INPUT", "-p", "tcp", "--dport", "9093", "-j", "DROP"])
     assert failed.reason == "timeout"
     assert 0.4 <= waited < 3
 

@@ -25,6 +25,7 @@ from lab_tools import (
     recv_until_eof,
     run_library_proxy,
     send_all,
+    silent_server_port,
     uproxy_command,
 )
 
@@ -97,9 +98,7 @@ async def test_flows_left_after_the_grace_period_are_reset(lab: Lab, cli_proxy: 
 async def test_a_flow_still_connecting_at_the_end_of_grace_is_reset(
     lab: Lab, cli_proxy: CliProxy
 ) -> None:
-    rule = ["INPUT", "-p", "tcp", "--dport", "9095", "-j", "DROP"]
-    lab.server.run(["iptables", "-I", *rule])
-    try:
+    with silent_server_port(lab, 9095):
         cli_proxy.start("--grace", "0.5", "--connect-timeout", "60")
         with trio.fail_after(20):
             client = await connect(lab.client, SERVER_V4, 9095)
@@ -109,8 +108,6 @@ async def test_a_flow_still_connecting_at_the_end_of_grace_is_reset(
             with pytest.raises(ConnectionResetError):
                 await recv_until_eof(client)
         client.close()
-    finally:
-        lab.server.run(["iptables", "-D", *rule])
     assert cli_proxy.wait_exit() == 1
 
 

@@ -20,6 +20,7 @@ from lab_tools import (
     recv_exactly,
     recv_until_eof,
     send_all,
+    silent_server_port,
     uproxy_command,
 )
 
@@ -108,9 +109,7 @@ async def test_label_marks_every_read_both_ways(lab: Lab, cli_proxy: CliProxy) -
 async def test_connect_timeout_resets_a_client_whose_server_is_silent(
     lab: Lab, cli_proxy: CliProxy
 ) -> None:
-    rule = ["INPUT", "-p", "tcp", "--dport", "9094", "-j", "DROP"]
-    lab.server.run(["iptables", "-I", *rule])
-    try:
+    with silent_server_port(lab, 9094):
         cli_proxy.start("--connect-timeout", "0.5")
         with trio.fail_after(10):
             client = await connect(lab.client, SERVER_V4, 9094)
@@ -119,8 +118,6 @@ async def test_connect_timeout_resets_a_client_whose_server_is_silent(
                 await recv_until_eof(client)
             waited = trio.current_time() - started
         client.close()
-    finally:
-        lab.server.run(["iptables", "-D", *rule])
     assert 0.4 <= waited < 3
     assert cli_proxy.stop() == 0
     assert "failed: timeout; resetting client" in cli_proxy.log
