@@ -43,9 +43,9 @@ def remove_setup(setup: TproxySetup, backend: str) -> None:
     for version in setup.versions:
         family = ["-6"] if version == 6 else []
         if has_local_route(setup, version):
-            run(["ip", *family, *setup.ip_unbatch(version).splitlines()[1].split()])
+            run(["ip", *family, *setup.ip_route_removal(version).split()])
         while has_policy_rule(setup, version):
-            run(["ip", *family, *setup.ip_unbatch(version).splitlines()[0].split()])
+            run(["ip", *family, *setup.ip_rule_removal(version).split()])
 
 
 def _ensure_policy_routing(setup: TproxySetup, version: int) -> None:

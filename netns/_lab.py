@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 from types import TracebackType
 from typing import Self
 
@@ -235,7 +234,7 @@ def _owner_pid(name: str) -> int | None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, signal.SIG_DFL)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:

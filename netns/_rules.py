@@ -151,11 +151,13 @@ class TproxySetup:
 
     def ip_unbatch(self, version: int) -> str:
         """The reverse of ``ip_batch``."""
-        rule, route = self.ip_rule(version), self.ip_route(version)
-        return (
-            f"rule del {rule.removeprefix('rule add ')}\n"
-            f"route del {route.removeprefix('route add ')}\n"
-        )
+        return f"{self.ip_rule_removal(version)}\n{self.ip_route_removal(version)}\n"
+
+    def ip_rule_removal(self, version: int) -> str:
+        return "rule del " + self.ip_rule(version).removeprefix("rule add ")
+
+    def ip_route_removal(self, version: int) -> str:
+        return "route del " + self.ip_route(version).removeprefix("route add ")
 
     def ip_rule(self, version: int) -> str:
         """``rule add ...`` for ``ip`` (``ip -6`` for version 6)."""

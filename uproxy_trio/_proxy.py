@@ -104,7 +104,8 @@ class Proxy:
     ) -> None:
         if max_flows is not None and max_flows < 1:
             raise ValueError("max_flows must be at least 1")
-        self._interceptors = tuple(interceptors)
+        # Each direction's chain is the same for every flow: worked out once, here.
+        self._chains = {direction: chain_for(interceptors, direction) for direction in Direction}
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._reuse_port = reuse_port
@@ -348,7 +349,7 @@ class Proxy:
     ) -> None:
         """Move one direction until its source's EOF, pass the EOF on as a FIN, and tell the
         flow how this direction ended."""
-        chain = chain_for(self._interceptors, direction)
+        chain = self._chains[direction]
         error: BaseException | None = None
         if chain:
             kind, error = await _copy_intercepted(flow, direction, source, sink, chain, counts)
