@@ -1,16 +1,15 @@
 """The data path, top to bottom: accept → connect out → two relay directions → close.
 
-Each accepted connection gets a task and a nursery: the task relays client-to-server itself
-and a child task relays server-to-client. A direction either copies bytes straight through
-(recv/send for small reads, splice(2) for bulk) or runs them through its interceptor chain;
-when it ends it tells the flow's ``FlowEnding``, which decides whether the other direction goes
-on (half-close) or the whole flow is reset.
+Each accepted connection gets one task. Its sockets are registered once with the proxy's
+``Reactor`` (an edge-triggered epoll), which tells the flow's ``Readiness`` when either can be
+read or written. A flow that no interceptor touches then relays both directions from that one
+task (``Relay``: recv/send for small reads, splice(2) for bulk); a flow with interceptors runs
+each direction's chain in a task of its own. When a direction ends, the flow's ``FlowEnding``
+decides whether the other goes on (half-close) or the whole flow is reset.
 
 Sockets are plain non-blocking sockets: a read or write is tried at once and the task only
-waits (``trio.lowlevel.wait_readable``/``wait_writable``) when the kernel says it would block,
-so a request and its response cost the relay four system calls and no trip through the
-scheduler. Because nothing awaits between reading into the shared buffer and writing it out,
-one buffer serves every flow; the rare write that would block takes a copy first.
+waits when the kernel says it would block, so a request and its response cost the relay four
+system calls and no trip through the scheduler.
 """
 
 from __future__ import annotations
@@ -42,11 +41,14 @@ from ._events import (
 )
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, build_chain, chain_for
-from ._splice import SPLICE_AVAILABLE, PipePool, SourceGone, SpliceFailed, splice_burst
+from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
+from ._relay import FAIRNESS_ROUNDS, Counts, Relay, Way
+from ._splice import SPLICE_AVAILABLE, PipePool
 from ._transparent import (
     ConnectFailed,
-    connect_transparent,
+    connect_out,
     is_own_listener,
+    open_outgoing,
     open_transparent_listener,
     reset,
 )
@@ -58,19 +60,11 @@ ACCEPT_RETRY_S = 0.1
 # Connections taken per wake-up of an accept loop before it yields to the flows.
 ACCEPT_BATCH = 64
 
-# The shared buffer for plain reads. A read that fills it means bulk data, which then moves
-# by splice(2) instead (see _copy).
-READ_SIZE = 65536
-
 # Interceptors get chunks of up to this much: large reads, fewer chunks, less overhead each.
 INTERCEPT_READ_SIZE = 262144
 
-# A splice burst smaller than this means the bulk is over: back to recv/send.
-SPLICE_MIN_BURST = 16384
-
-# A direction that never has to wait (data always there, sink always writable) yields to the
-# other tasks after this many reads, as Trio's fairness asks.
-FAIRNESS_READS = 16
+# A fresh client socket can take bytes, and has most likely sent its first ones already.
+_CLIENT_READY = bit(Side.CLIENT, READABLE) | bit(Side.CLIENT, WRITABLE)
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
@@ -78,11 +72,15 @@ LOGGER = logging.getLogger("uproxy_trio")
 
 
 @dataclass(slots=True)
-class _Counts:
-    """What one direction moved: bytes read from its source and delivered to its sink."""
+class _LiveFlow:
+    """A flow in flight, as the metrics and the idle sweep see it."""
 
-    read: int = 0
-    written: int = 0
+    counts: dict[Direction, Counts]
+    ending: FlowEnding
+    scope: trio.CancelScope
+
+    def bytes_read(self) -> int:
+        return sum(count.read for count in self.counts.values())
 
 
 class Proxy:
@@ -106,6 +104,7 @@ class Proxy:
             raise ValueError("max_flows must be at least 1")
         # Each direction's chain is the same for every flow: worked out once, here.
         self._chains = {direction: chain_for(interceptors, direction) for direction in Direction}
+        self._intercepted = any(self._chains.values())
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._reuse_port = reuse_port
@@ -120,9 +119,9 @@ class Proxy:
         self._drained = trio.Event()
         self._started = False
         self._pipes = PipePool() if SPLICE_AVAILABLE else None
-        self._buffer = memoryview(bytearray(READ_SIZE))
+        self._relay = Relay(self._pipes)
         self._closed_bytes = dict.fromkeys(Direction, 0)
-        self._live_counts: dict[int, dict[Direction, _Counts]] = {}
+        self._live: dict[int, _LiveFlow] = {}
 
     @property
     def active_flows(self) -> int:
@@ -134,8 +133,8 @@ class Proxy:
         Computed when asked (for a metrics scrape, say), so the data path pays nothing.
         """
         totals = dict(self._closed_bytes)
-        for counts in self._live_counts.values():
-            for direction, count in counts.items():
+        for live in self._live.values():
+            for direction, count in live.counts.items():
                 totals[direction] += count.written
         return totals
 
@@ -159,7 +158,7 @@ class Proxy:
             raise RuntimeError("a Proxy serves once; make a new one")
         self._started = True
         try:
-            with ExitStack() as listeners_open:
+            with ExitStack() as listeners_open, Reactor() as reactor:
                 # Held here so that a failure to bind the third listener closes the first two.
                 listeners: list[socket.socket] = []
                 for address in listen:
@@ -169,16 +168,24 @@ class Proxy:
                 self._listening = [from_sockaddr(sock.getsockname()) for sock in listeners]
                 for address in self._listening:
                     LOGGER.info("listening on %s", format_address(address))
-                async with trio.open_nursery() as flows:
-                    self._flows_scope = flows.cancel_scope
-                    with self._accepting:
-                        async with trio.open_nursery() as acceptors:
-                            for listener in listeners:
-                                acceptors.start_soon(self._accept_loop, listener, flows)
-                            task_status.started(self.addresses)
-                    # Draining: close the listeners at once, so new flows are no longer taken
-                    # (the kernel refuses them), while the flows in flight go on.
-                    listeners_open.close()
+                # The services outlive every flow, since the flows wait on the reactor.
+                async with trio.open_nursery() as services:
+                    services.start_soon(reactor.run)
+                    if self._idle_timeout is not None:
+                        services.start_soon(self._expire_idle, self._idle_timeout)
+                    async with trio.open_nursery() as flows:
+                        self._flows_scope = flows.cancel_scope
+                        with self._accepting:
+                            async with trio.open_nursery() as acceptors:
+                                for listener in listeners:
+                                    acceptors.start_soon(
+                                        self._accept_loop, listener, reactor, flows
+                                    )
+                                task_status.started(self.addresses)
+                        # Draining: close the listeners at once, so new flows are no longer
+                        # taken (the kernel refuses them), while the flows in flight go on.
+                        listeners_open.close()
+                    services.cancel_scope.cancel()
         finally:
             if self._pipes is not None:
                 self._pipes.close()
@@ -200,7 +207,9 @@ class Proxy:
             self._flows_scope.cancel()
         return remaining
 
-    async def _accept_loop(self, listener: socket.socket, flows: trio.Nursery) -> None:
+    async def _accept_loop(
+        self, listener: socket.socket, reactor: Reactor, flows: trio.Nursery
+    ) -> None:
         while True:
             # Wait for a connection before taking a slot, so an idle listener never holds
             # capacity that a busy one needs; at the limit the kernel keeps the connections
@@ -229,18 +238,25 @@ class Proxy:
                     await trio.sleep(ACCEPT_RETRY_S)
                     break
                 self._active += 1
-                flows.start_soon(self._run_flow, client_sock, client_address, next(self._flow_ids))
+                flows.start_soon(
+                    self._run_flow, reactor, client_sock, client_address, next(self._flow_ids)
+                )
 
     def _release_slot(self) -> None:
         if self._slots is not None:
             self._slots.release()
 
     async def _run_flow(
-        self, client_sock: socket.socket, client_address: tuple[object, ...], flow_id: int
+        self,
+        reactor: Reactor,
+        client_sock: socket.socket,
+        client_address: tuple[object, ...],
+        flow_id: int,
     ) -> None:
         try:
-            with client_sock:
-                await self._relay_flow(client_sock, client_address, flow_id)
+            readiness = Readiness(_CLIENT_READY)
+            with client_sock, reactor.watch(client_sock, readiness, Side.CLIENT):
+                await self._relay_flow(reactor, readiness, client_sock, client_address, flow_id)
         except Exception:
             # A bug in one flow must not take the others down with the nursery.
             LOGGER.exception("flow %d failed inside the proxy", flow_id)
@@ -251,7 +267,12 @@ class Proxy:
                 self._drained.set()
 
     async def _relay_flow(
-        self, client_sock: socket.socket, client_address: tuple[object, ...], flow_id: int
+        self,
+        reactor: Reactor,
+        readiness: Readiness,
+        client_sock: socket.socket,
+        client_address: tuple[object, ...],
+        flow_id: int,
     ) -> None:
         emit = self._emit
         try:
@@ -274,56 +295,43 @@ class Proxy:
             return
 
         try:
-            server_sock = await connect_transparent(flow.client, flow.server, self._connect_timeout)
+            server_sock = open_outgoing(flow.client)
         except ConnectFailed as failure:
-            # Without the proxy the client would have been refused (or given up): a reset is
-            # the closest we can come now that its handshake with us has completed.
-            reset(client_sock)
-            emit(UpstreamFailed(flow, failure.reason))
-            emit(FlowClosed(flow, f"upstream_{failure.reason}", None, 0, 0, _since(started)))
+            self._upstream_failed(flow, client_sock, failure, started)
             return
-        except BaseException:
-            reset(client_sock)  # cancelled while connecting (the proxy is stopping): no FIN
-            raise
-        emit(UpstreamConnected(flow, _since(started)))
-
-        with server_sock:
-            ending = FlowEnding()
-            counts = {direction: _Counts() for direction in Direction}
-            self._live_counts[flow.id] = counts
+        with server_sock, reactor.watch(server_sock, readiness, Side.SERVER):
             try:
-                async with trio.open_nursery() as directions:
-                    scope = directions.cancel_scope
-                    if self._idle_timeout is not None:
-                        directions.start_soon(
-                            _watch_idle, self._idle_timeout, counts, ending, scope
+                await connect_out(server_sock, flow.server, self._connect_timeout, readiness)
+            except ConnectFailed as failure:
+                self._upstream_failed(flow, client_sock, failure, started)
+                return
+            except BaseException:
+                reset(client_sock)  # cancelled while connecting (the proxy is stopping): no FIN
+                raise
+            emit(UpstreamConnected(flow, _since(started)))
+
+            ending = FlowEnding()
+            counts = {direction: Counts() for direction in Direction}
+            ways = (
+                self._way(Direction.CLIENT_TO_SERVER, client_sock, server_sock, counts),
+                self._way(Direction.SERVER_TO_CLIENT, server_sock, client_sock, counts),
+            )
+            live = self._live[flow.id] = _LiveFlow(counts, ending, trio.CancelScope())
+            try:
+                with live.scope:
+                    if self._intercepted:
+                        await self._relay_intercepted(flow, ways, readiness, ending)
+                    else:
+                        await self._relay.run(
+                            ways, readiness, lambda way: self._direction_ended(flow, way, ending)
                         )
-                    directions.start_soon(
-                        self._relay_direction,
-                        flow,
-                        Direction.SERVER_TO_CLIENT,
-                        server_sock,
-                        client_sock,
-                        counts[Direction.SERVER_TO_CLIENT],
-                        ending,
-                        scope,
-                    )
-                    await self._relay_direction(
-                        flow,
-                        Direction.CLIENT_TO_SERVER,
-                        client_sock,
-                        server_sock,
-                        counts[Direction.CLIENT_TO_SERVER],
-                        ending,
-                        scope,
-                    )
             finally:
                 # Both directions are over (or the flow was cancelled): the only question left
                 # is FIN or RST, and FlowEnding answers it.
                 if not ending.clean:
                     reset(client_sock)
                     reset(server_sock)
-                del self._live_counts[flow.id]
+                del self._live[flow.id]
                 for direction, count in counts.items():
                     self._closed_bytes[direction] += count.written
                 emit(
@@ -337,37 +345,93 @@ class Proxy:
                     )
                 )
 
-    async def _relay_direction(
+    def _upstream_failed(
+        self, flow: Flow, client_sock: socket.socket, failure: ConnectFailed, started: float
+    ) -> None:
+        # Without the proxy the client would have been refused (or given up): a reset is the
+        # closest we can come now that its handshake with us has completed.
+        reset(client_sock)
+        self._emit(UpstreamFailed(flow, failure.reason))
+        self._emit(FlowClosed(flow, f"upstream_{failure.reason}", None, 0, 0, _since(started)))
+
+    def _way(
         self,
-        flow: Flow,
         direction: Direction,
         source: socket.socket,
         sink: socket.socket,
-        counts: _Counts,
+        counts: dict[Direction, Counts],
+    ) -> Way:
+        return Way(direction, source, sink, counts[direction], can_splice=self._relay.can_splice)
+
+    def _direction_ended(
+        self,
+        flow: Flow,
+        way: Way,
         ending: FlowEnding,
-        flow_scope: trio.CancelScope,
-    ) -> None:
-        """Move one direction until its source's EOF, pass the EOF on as a FIN, and tell the
-        flow how this direction ended."""
-        chain = self._chains[direction]
-        error: BaseException | None = None
-        if chain:
-            kind, error = await _copy_intercepted(flow, direction, source, sink, chain, counts)
-        else:
-            # A server rarely speaks before it has heard the client: wait before reading.
-            wait_first = direction is Direction.SERVER_TO_CLIENT
-            kind = await _copy(source, sink, counts, self._buffer, self._pipes, wait_first)
+        error: BaseException | None = None,
+    ) -> bool:
+        """Pass a direction's EOF on as a FIN and tell the flow how the direction ended; true
+        when the whole flow must now be reset."""
+        kind = way.end
+        assert kind is not None
         if kind is EndKind.EOF:
             try:
-                sink.shutdown(socket.SHUT_WR)
+                way.sink.shutdown(socket.SHUT_WR)
             except OSError:
                 kind = EndKind.SINK_RESET
         if kind is EndKind.EOF:
-            self._emit(HalfClosed(flow, direction.source))
+            self._emit(HalfClosed(flow, way.direction.source))
         elif kind is EndKind.INTERCEPTOR_FAILED and error is not None:
-            self._emit(InterceptorFailed(flow, direction, error))
-        if ending.record(DirectionEnd(direction, kind, error)):
+            self._emit(InterceptorFailed(flow, way.direction, error))
+        return ending.record(DirectionEnd(way.direction, kind, error))
+
+    async def _relay_intercepted(
+        self, flow: Flow, ways: tuple[Way, Way], readiness: Readiness, ending: FlowEnding
+    ) -> None:
+        """Each direction in a task of its own, running its interceptor chain (an empty one for
+        a direction that no interceptor wants)."""
+        async with trio.open_nursery() as directions:
+            for way in ways:
+                directions.start_soon(
+                    self._intercept_direction, flow, way, readiness, ending, directions.cancel_scope
+                )
+
+    async def _intercept_direction(
+        self,
+        flow: Flow,
+        way: Way,
+        readiness: Readiness,
+        ending: FlowEnding,
+        flow_scope: trio.CancelScope,
+    ) -> None:
+        chain = self._chains[way.direction]
+        way.end, error = await _copy_intercepted(flow, way, readiness, chain)
+        if self._direction_ended(flow, way, ending, error):
             flow_scope.cancel()
+
+    async def _expire_idle(self, timeout: float) -> None:
+        """End the flows that have not read a byte either way for ``timeout`` seconds.
+
+        One sweep four times per timeout looks whether each flow's byte counts moved, rather
+        than have every read note the time: an idle flow ends between ``timeout`` and 1.25
+        times that after its last byte.
+        """
+        seen: dict[int, tuple[int, float]] = {}
+        while True:
+            await trio.sleep(timeout / 4)
+            now = trio.current_time()
+            still: dict[int, tuple[int, float]] = {}
+            for flow_id, live in self._live.items():
+                read = live.bytes_read()
+                last_read, since = seen.get(flow_id, (-1, now))
+                if read != last_read:
+                    still[flow_id] = (read, now)
+                elif now - since >= timeout:
+                    live.ending.expire()
+                    live.scope.cancel()
+                else:
+                    still[flow_id] = (read, since)
+            seen = still
 
 
 async def serve(
@@ -394,169 +458,54 @@ async def serve(
     await proxy.serve(listen, task_status=task_status)
 
 
-async def _watch_idle(
-    timeout: float,
-    counts: dict[Direction, _Counts],
-    ending: FlowEnding,
-    directions: trio.CancelScope,
-) -> None:
-    """End the flow once neither direction has read a byte for ``timeout`` seconds.
-
-    It looks four times per timeout whether the byte counts moved, rather than have every
-    read note the time: an idle flow ends between ``timeout`` and 1.25 times that.
-    """
-    last_change, last_seen = trio.current_time(), -1
-    while True:
-        seen = sum(count.read for count in counts.values())
-        now = trio.current_time()
-        if seen != last_seen:
-            last_change, last_seen = now, seen
-        elif now - last_change >= timeout:
-            ending.expire()
-            directions.cancel()
-            return
-        await trio.sleep(timeout / 4)
-
-
-async def _copy(
-    source: socket.socket,
-    sink: socket.socket,
-    counts: _Counts,
-    buffer: memoryview,
-    pipes: PipePool | None,
-    wait_first: bool = False,
-) -> EndKind:
-    """Copy without interceptors, choosing the path per read like HAProxy's splice-auto.
-
-    Small reads (requests, responses, keystrokes) go through recv_into/send on the shared
-    buffer: two system calls, no pipe, no allocation. Once a read fills the whole buffer the
-    flow is moving bulk data, and it switches to splice(2), where the bytes never enter
-    Python; when a burst turns small again, it switches back.
-    """
-    splicing = False
-    # A read that returned less than the buffer most likely emptied the socket: wait for more
-    # before trying again, rather than pay a failing recv (and its exception) per message.
-    drained = wait_first
-    reads = 0
-    while True:
-        if drained:
-            await trio.lowlevel.wait_readable(source)
-            drained = False
-            reads = 0
-        if splicing and pipes is not None:
-            try:
-                pipe = pipes.take()
-            except OSError:
-                splicing = False  # no descriptor for a pipe right now: copy instead
-                continue
-            try:
-                moved, eof = await splice_burst(source, sink, pipe)
-            except SpliceFailed as failure:
-                pipe.close()
-                counts.read += failure.moved
-                counts.written += failure.moved
-                if failure.unsupported:
-                    pipes = None
-                    continue
-                return (
-                    EndKind.SOURCE_RESET if isinstance(failure, SourceGone) else EndKind.SINK_RESET
-                )
-            except BaseException:
-                pipe.close()  # cancelled mid-burst: the pipe may still hold bytes
-                raise
-            pipes.give_back(pipe)
-            counts.read += moved
-            counts.written += moved
-            if eof:
-                return EndKind.EOF
-            if moved == 0:
-                await trio.lowlevel.wait_readable(source)
-            elif moved < SPLICE_MIN_BURST:
-                splicing = False
-            else:
-                # A burst stops at BURST_LIMIT so that a flow whose bytes never run out still
-                # lets the others have their turn.
-                await trio.lowlevel.checkpoint()
-            continue
-        try:
-            size = source.recv_into(buffer)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(source)
-            reads = 0
-            continue
-        except OSError:
-            return EndKind.SOURCE_RESET
-        if size == 0:
-            return EndKind.EOF
-        counts.read += size
-        try:
-            sent = sink.send(buffer[:size])
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return EndKind.SINK_RESET
-        counts.written += sent
-        if sent < size:
-            # The sink is full: take the rest out of the shared buffer before waiting.
-            if not await _send_all(sink, bytes(buffer[sent:size]), counts):
-                return EndKind.SINK_RESET
-            reads = 0
-        splicing = size == len(buffer)
-        drained = not splicing
-        reads += 1
-        if reads >= FAIRNESS_READS:
-            await trio.lowlevel.checkpoint()
-            reads = 0
-
-
 @dataclass(slots=True)
 class _SourceReader:
-    """A socket as an async iterator of chunks, remembering whether it was reset.
+    """A direction's source as an async iterator of chunks, remembering whether it was reset.
 
     The memory matters because an interceptor sits between this reader and the relay and may
     swallow the exception; the relay must still reset the flow rather than pass on a FIN.
     """
 
-    sock: socket.socket
-    counts: _Counts
+    way: Way
+    readiness: Readiness
     reset_error: OSError | None = field(default=None)
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        way, readiness = self.way, self.readiness
         reads = 0
         while True:
-            try:
-                data = self.sock.recv(INTERCEPT_READ_SIZE)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+            if not readiness.bits & way.readable:
+                await readiness.wait(way.readable)
                 reads = 0
+            try:
+                data = way.source.recv(INTERCEPT_READ_SIZE)
+            except BlockingIOError:
+                readiness.bits &= ~way.readable
                 continue
             except OSError as exc:
                 self.reset_error = exc
                 raise
             if not data:
                 return
-            self.counts.read += len(data)
+            way.counts.read += len(data)
+            if len(data) < INTERCEPT_READ_SIZE and not readiness.bits & way.closed:
+                readiness.bits &= ~way.readable  # emptied it (see Relay._copy)
             reads += 1
-            if reads >= FAIRNESS_READS:
+            if reads >= FAIRNESS_ROUNDS:
                 await trio.lowlevel.checkpoint()
                 reads = 0
             yield data
 
 
 async def _copy_intercepted(
-    flow: Flow,
-    direction: Direction,
-    source: socket.socket,
-    sink: socket.socket,
-    chain: Sequence[Interceptor],
-    counts: _Counts,
+    flow: Flow, way: Way, readiness: Readiness, chain: Sequence[Interceptor]
 ) -> tuple[EndKind, BaseException | None]:
-    reader = _SourceReader(source, counts)
+    reader = _SourceReader(way, readiness)
     try:
         async with AsyncExitStack() as generators:
-            chunks = await build_chain(generators, flow, direction, chain, reader.chunks())
+            chunks = await build_chain(generators, flow, way.direction, chain, reader.chunks())
             async for chunk in chunks:
-                if chunk and not await _send_all(sink, chunk, counts):
+                if chunk and not await _send_all(way, readiness, chunk):
                     return EndKind.SINK_RESET, None
     except Exception as exc:  # noqa: BLE001 - whatever an interceptor raises resets its flow only
         if reader.reset_error is not None:
@@ -567,18 +516,19 @@ async def _copy_intercepted(
     return EndKind.EOF, None
 
 
-async def _send_all(sink: socket.socket, data: bytes, counts: _Counts) -> bool:
+async def _send_all(way: Way, readiness: Readiness, data: bytes) -> bool:
     """Write all of ``data``, waiting while the sink is full; false if the sink is gone."""
     view = memoryview(data)
     while view:
         try:
-            sent = sink.send(view)
+            sent = way.sink.send(view)
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sink)
+            readiness.bits &= ~way.writable
+            await readiness.wait(way.writable)
             continue
         except OSError:
             return False
-        counts.written += sent
+        way.counts.written += sent
         view = view[sent:]
     return True
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import trio
 
 from ._address import Address, family_of, format_address
+from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, bit
 
 # Linux values from <linux/in.h> and <linux/in6.h>; Python's socket module lacks the IPv6 one.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -25,6 +26,9 @@ IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 # How often and how long apart connect() is retried while the 4-tuple is taken (50 ms in all).
 COLLISION_RETRIES = 10
 COLLISION_RETRY_S = 0.005
+
+_SERVER_WRITABLE = bit(Side.SERVER, WRITABLE)
+_SERVER_BITS = bit(Side.SERVER, READABLE) | _SERVER_WRITABLE | bit(Side.SERVER, PEER_CLOSED)
 
 # A full accept queue under a burst of SYNs costs the clients a retransmit (one second); the
 # kernel caps this at net.core.somaxconn anyway.
@@ -114,26 +118,6 @@ class ConnectFailed(Exception):
         self.error = error
 
 
-async def _connect_once_free(sock: socket.socket, server: Address) -> None:
-    """``connect()``, retried briefly while the 4-tuple is still taken.
-
-    When a client reuses its port at once, our previous flow's socket for the same 4-tuple may
-    still be in LAST_ACK, waiting a round trip for the server's final ACK, and connect() fails
-    with EADDRNOTAVAIL. That is our own leftover, not the client's doing, so it is worth a few
-    milliseconds; a 4-tuple that stays taken is a real collision and fails.
-    """
-    for _ in range(COLLISION_RETRIES):
-        try:
-            sock.connect(server)
-        except OSError as exc:
-            if exc.errno != errno.EADDRNOTAVAIL:
-                raise
-            await trio.sleep(COLLISION_RETRY_S)
-        else:
-            return
-    sock.connect(server)
-
-
 def _connect_failure_reason(exc: OSError) -> str:
     if exc.errno == errno.ECONNREFUSED:
         return "refused"
@@ -144,12 +128,11 @@ def _connect_failure_reason(exc: OSError) -> str:
     return type(exc).__name__
 
 
-async def connect_transparent(client: Address, server: Address, timeout: float) -> socket.socket:
-    """Connect to ``server`` from the client's own ``client`` address.
+def open_outgoing(client: Address) -> socket.socket:
+    """A socket bound to the client's own ``client`` address, ready for ``connect_out``.
 
-    Raises ``ConnectFailed`` for what a client would otherwise have seen as an error
-    (refused, unreachable, no answer within ``timeout`` seconds), and for a local failure
-    such as running out of descriptors or the client's 4-tuple being taken here.
+    Raises ``ConnectFailed`` for a local failure such as running out of descriptors or the
+    client's address being taken here. The caller closes the socket.
     """
     try:
         sock = _transparent_socket(client)
@@ -158,32 +141,67 @@ async def connect_transparent(client: Address, server: Address, timeout: float) 
     except OSError as exc:
         raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
     try:
-        try:
-            sock.bind(client)
-        except OSError as exc:
-            raise ConnectFailed(
-                f"cannot bind to client address {format_address(client)}: "
-                f"{_connect_failure_reason(exc)}",
-                exc,
-            ) from exc
-        try:
-            await _connect_once_free(sock, server)
-        except BlockingIOError:
-            with trio.move_on_after(timeout) as deadline:
-                await trio.lowlevel.wait_writable(sock)
-            if deadline.cancelled_caught:
-                raise ConnectFailed("timeout") from None
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                failure = OSError(error, os.strerror(error))
-                raise ConnectFailed(_connect_failure_reason(failure), failure) from None
-        except OSError as exc:
-            raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
-        set_nodelay(sock)
-    except BaseException:
+        sock.bind(client)
+    except OSError as exc:
         sock.close()
-        raise
+        raise ConnectFailed(
+            f"cannot bind to client address {format_address(client)}: "
+            f"{_connect_failure_reason(exc)}",
+            exc,
+        ) from exc
     return sock
+
+
+async def connect_out(
+    sock: socket.socket, server: Address, timeout: float, readiness: Readiness
+) -> None:
+    """Connect ``sock`` (from ``open_outgoing``, watched as the flow's server side) to ``server``.
+
+    Raises ``ConnectFailed`` for what a client would otherwise have seen as an error
+    (refused, unreachable, no answer within ``timeout`` seconds), and when the 4-tuple is
+    taken here.
+    """
+    try:
+        await _connect_once_free(sock, server, readiness)
+    except OSError as exc:
+        raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
+    with trio.move_on_after(timeout) as deadline:
+        await readiness.wait(_SERVER_WRITABLE)
+    if deadline.cancelled_caught:
+        raise ConnectFailed("timeout")
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        failure = OSError(error, os.strerror(error))
+        raise ConnectFailed(_connect_failure_reason(failure), failure) from None
+    set_nodelay(sock)
+
+
+async def _connect_once_free(sock: socket.socket, server: Address, readiness: Readiness) -> None:
+    """Start ``connect()``, retried briefly while the 4-tuple is still taken.
+
+    When a client reuses its port at once, our previous flow's socket for the same 4-tuple may
+    still be in LAST_ACK, waiting a round trip for the server's final ACK, and connect() fails
+    with EADDRNOTAVAIL. That is our own leftover, not the client's doing, so it is worth a few
+    milliseconds; a 4-tuple that stays taken is a real collision and fails.
+
+    The socket is watched before it connects, and a socket that is not connecting reports
+    itself writable (and hung up), so what was reported up to each attempt is forgotten: only
+    edges reported after it count, and epoll re-checks a socket's state when it reports it.
+    """
+    for attempt in range(COLLISION_RETRIES + 1):
+        try:
+            sock.connect(server)
+        except BlockingIOError:
+            readiness.bits &= ~_SERVER_BITS
+            return
+        except OSError as exc:
+            readiness.bits &= ~_SERVER_BITS
+            if exc.errno != errno.EADDRNOTAVAIL or attempt == COLLISION_RETRIES:
+                raise
+            await trio.sleep(COLLISION_RETRY_S)
+        else:
+            readiness.bits = (readiness.bits & ~_SERVER_BITS) | _SERVER_WRITABLE
+            return
 
 
 def is_own_listener(destination: Address, listeners: Sequence[Address]) -> bool:

@@ -1,0 +1,177 @@
+"""Which of a flow's sockets can be read or written, learnt from one edge-triggered epoll.
+
+``trio.lowlevel.wait_readable`` arms a one-shot registration in Trio's epoll for every wait and
+disarms it after the wake-up: two or three ``epoll_ctl`` calls per wait, about six per short
+flow. Here each socket is registered once, for reading and writing, edge-triggered, and one
+reactor task turns the kernel's edges into bits on the flow's ``Readiness``, waking the flow's
+task only if it is waiting for one of them. A short flow then costs two ``epoll_ctl`` calls,
+and a whole flow can wait on both its sockets from a single task.
+
+Edge-triggered means the kernel reports a change once, so the bits are "may be ready": a task
+clears a bit when the socket says it would block (or when a short read has emptied it), and
+waits only on cleared bits. Any data arriving after that is a new edge, so nothing is missed;
+a stale bit costs at most one read that finds nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import select
+import socket
+from types import TracebackType
+from typing import Self
+
+import trio
+from trio.lowlevel import Abort, RaiseCancelT, Task
+
+# Edges per reactor wake-up at most; more wait for the next round.
+MAX_EVENTS = 1024
+
+_REGISTER = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_CLOSED_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+
+
+class Side(enum.IntEnum):
+    """Which end of a flow a socket faces; the value places its three bits in ``Readiness``."""
+
+    CLIENT = 0
+    SERVER = 3
+
+
+READABLE = 1
+"""The socket may have bytes (or an EOF, or an error) to read."""
+WRITABLE = 2
+"""The socket may take more bytes."""
+PEER_CLOSED = 4
+"""The peer has sent its FIN (or reset): sticky, never cleared. A read that returns less than
+asked then does not mean the socket is empty, since the EOF is still to be read."""
+
+
+def bit(side: Side, kind: int) -> int:
+    """The bit for ``kind`` (``READABLE``, ``WRITABLE``, ``PEER_CLOSED``) of ``side``'s socket."""
+    return kind << side
+
+
+class Readiness:
+    """What the reactor has seen of one flow's two sockets, and the tasks waiting on it.
+
+    ``bits`` is public so that the relay can test and clear bits without a call per read.
+    """
+
+    __slots__ = ("_waiters", "bits")
+
+    def __init__(self, bits: int = 0) -> None:
+        self.bits = bits
+        self._waiters: list[tuple[int, Task]] = []
+
+    async def wait(self, mask: int) -> None:
+        """Sleep until one of the bits in ``mask`` is set (at once if one is)."""
+        if self.bits & mask:
+            await trio.lowlevel.checkpoint()
+            return
+        waiter = (mask, trio.lowlevel.current_task())
+        self._waiters.append(waiter)
+
+        def abort(_: RaiseCancelT) -> Abort:
+            self._waiters.remove(waiter)
+            return Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def notify(self, bits: int) -> None:
+        """Set ``bits`` and wake the tasks waiting on any of them (the reactor's job)."""
+        self.bits |= bits
+        if self._waiters:
+            ready = [waiter for waiter in self._waiters if waiter[0] & bits]
+            for waiter in ready:
+                self._waiters.remove(waiter)
+                trio.lowlevel.reschedule(waiter[1])
+
+
+class Reactor:
+    """One edge-triggered epoll for the flows of one proxy, and the task that reads it.
+
+    ``run`` must be running (in a nursery that outlives the flows) for any ``Readiness`` to
+    change. Use as a context manager: leaving it closes the epoll.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._watched: dict[int, tuple[Readiness, Side]] = {}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        trio.lowlevel.notify_closing(self._epoll.fileno())
+        self._epoll.close()
+
+    def watch(self, sock: socket.socket, readiness: Readiness, side: Side) -> Watching:
+        """Report ``sock``'s edges to ``readiness`` as ``side`` until the returned context ends.
+
+        Leave that context before (or just after) closing the socket, with no await between.
+        If the socket is ready already the kernel reports that at once, as a first edge.
+        """
+        fd = sock.fileno()
+        self._epoll.register(fd, _REGISTER)
+        self._watched[fd] = (readiness, side)
+        return Watching(self._watched, fd, readiness)
+
+    async def run(self) -> None:
+        """Turn edges into ``Readiness`` bits until cancelled."""
+        epoll, watched = self._epoll, self._watched
+        fileno = epoll.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(fileno)
+            for fd, events in epoll.poll(0, MAX_EVENTS):
+                entry = watched.get(fd)
+                if entry is None:
+                    continue
+                readiness, side = entry
+                bits = 0
+                if events & _READ_EVENTS:
+                    bits |= READABLE
+                if events & _WRITE_EVENTS:
+                    bits |= WRITABLE
+                if events & _CLOSED_EVENTS:
+                    bits |= PEER_CLOSED
+                readiness.notify(bits << side)
+
+
+class Watching:
+    """A socket's registration with the reactor; leaving the context forgets it.
+
+    The kernel drops the epoll registration itself when the socket closes. This drops the
+    reactor's note of it, so that a later socket given the same descriptor number is not
+    taken for this one; the check on ``readiness`` keeps a late exit from dropping the note of
+    a newer socket that already has that number.
+    """
+
+    __slots__ = ("_fd", "_readiness", "_watched")
+
+    def __init__(
+        self, watched: dict[int, tuple[Readiness, Side]], fd: int, readiness: Readiness
+    ) -> None:
+        self._watched = watched
+        self._fd = fd
+        self._readiness = readiness
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        entry = self._watched.get(self._fd)
+        if entry is not None and entry[0] is self._readiness:
+            del self._watched[self._fd]
