@@ -253,6 +253,8 @@ async def test_generators_are_closed_however_the_flow_ends(inside_proxy: Lab) ->
             await exchange_on(lab, listener, reset=True)
             client = await connect(lab.client, SERVER_V4, 9090)
             server, _ = await listener.accept()
+            await send_all(client, b"!")  # through the generators: flow 3 is relaying
+            assert await recv_exactly(server, 1) == b"!"
             await events.wait_for(FlowClosed, 2)
             proxy_scope.cancel()
             with pytest.raises(ConnectionResetError):

@@ -109,6 +109,8 @@ async def test_a_flow_still_connecting_at_the_end_of_grace_is_reset(
                 await recv_until_eof(client)
         client.close()
     assert cli_proxy.wait_exit() == 1
+    # Every flow that opened is reported closed, this one too.
+    assert "flow 1 close reason=cancelled" in cli_proxy.log
 
 
 async def test_a_second_signal_resets_at_once(lab: Lab, cli_proxy: CliProxy) -> None:

@@ -41,8 +41,8 @@ from ._events import (
 )
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, build_chain, chain_for
-from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
-from ._relay import FAIRNESS_ROUNDS, Counts, Relay, Way
+from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, TimedOut, bit
+from ._relay import FAIRNESS_ROUNDS, Relay, Way
 from ._splice import SPLICE_AVAILABLE, PipePool
 from ._transparent import (
     ConnectFailed,
@@ -71,16 +71,27 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 LOGGER = logging.getLogger("uproxy_trio")
 
 
-@dataclass(slots=True)
 class _LiveFlow:
-    """A flow in flight, as the metrics and the idle sweep see it."""
+    """A flow in flight, as the metrics and the timeout sweep see it."""
 
-    counts: dict[Direction, Counts]
-    ending: FlowEnding
-    scope: trio.CancelScope
+    __slots__ = ("ending", "readiness", "scope", "started", "ways")
+
+    def __init__(self, readiness: Readiness, started: float) -> None:
+        self.readiness = readiness
+        self.started = started
+        self.ending = FlowEnding()
+        self.ways: tuple[Way, Way] | None = None  # None while connecting
+        self.scope: trio.CancelScope | None = None  # the interceptor tasks' scope, if any
 
     def bytes_read(self) -> int:
-        return sum(count.read for count in self.counts.values())
+        return sum(way.counts.read for way in self.ways) if self.ways else 0
+
+    def stop(self) -> None:
+        """End the flow now, wherever it waits."""
+        if self.scope is not None:
+            self.scope.cancel()  # interceptors may catch exceptions: cancel their tasks
+        else:
+            self.readiness.time_out()
 
 
 class Proxy:
@@ -122,6 +133,8 @@ class Proxy:
         self._relay = Relay(self._pipes)
         self._closed_bytes = dict.fromkeys(Direction, 0)
         self._live: dict[int, _LiveFlow] = {}
+        # How often the sweep looks for flows out of time: a timeout fires up to a quarter late.
+        self._sweep_period = min(connect_timeout, idle_timeout or connect_timeout) / 4
 
     @property
     def active_flows(self) -> int:
@@ -134,8 +147,8 @@ class Proxy:
         """
         totals = dict(self._closed_bytes)
         for live in self._live.values():
-            for direction, count in live.counts.items():
-                totals[direction] += count.written
+            for way in live.ways or ():
+                totals[way.direction] += way.counts.written
         return totals
 
     @property
@@ -171,8 +184,7 @@ class Proxy:
                 # The services outlive every flow, since the flows wait on the reactor.
                 async with trio.open_nursery() as services:
                     services.start_soon(reactor.run)
-                    if self._idle_timeout is not None:
-                        services.start_soon(self._expire_idle, self._idle_timeout)
+                    services.start_soon(self._sweep)
                     async with trio.open_nursery() as flows:
                         self._flows_scope = flows.cancel_scope
                         with self._accepting:
@@ -294,53 +306,63 @@ class Proxy:
             emit(FlowClosed(flow, "refused_self_loop", None, 0, 0, _since(started)))
             return
 
+        live = self._live[flow.id] = _LiveFlow(readiness, started)
         try:
-            server_sock = open_outgoing(flow.client)
+            await self._connect_and_relay(reactor, flow, client_sock, live)
+        finally:
+            del self._live[flow.id]
+
+    async def _connect_and_relay(
+        self, reactor: Reactor, flow: Flow, client_sock: socket.socket, live: _LiveFlow
+    ) -> None:
+        emit, readiness, started = self._emit, live.readiness, live.started
+        try:
+            server_sock = open_outgoing(flow.client, client_sock.family)
         except ConnectFailed as failure:
             self._upstream_failed(flow, client_sock, failure, started)
             return
         with server_sock, reactor.watch(server_sock, readiness, Side.SERVER):
             try:
-                await connect_out(server_sock, flow.server, self._connect_timeout, readiness)
+                await connect_out(server_sock, flow.server, readiness)
             except ConnectFailed as failure:
                 self._upstream_failed(flow, client_sock, failure, started)
                 return
             except BaseException:
                 reset(client_sock)  # cancelled while connecting (the proxy is stopping): no FIN
+                emit(FlowClosed(flow, "cancelled", None, 0, 0, _since(started)))
                 raise
             emit(UpstreamConnected(flow, _since(started)))
 
-            ending = FlowEnding()
-            counts = {direction: Counts() for direction in Direction}
-            ways = (
-                self._way(Direction.CLIENT_TO_SERVER, client_sock, server_sock, counts),
-                self._way(Direction.SERVER_TO_CLIENT, server_sock, client_sock, counts),
+            ending = live.ending
+            ways = live.ways = (
+                Way(Direction.CLIENT_TO_SERVER, client_sock, server_sock, self._relay.can_splice),
+                Way(Direction.SERVER_TO_CLIENT, server_sock, client_sock, self._relay.can_splice),
             )
-            live = self._live[flow.id] = _LiveFlow(counts, ending, trio.CancelScope())
             try:
-                with live.scope:
-                    if self._intercepted:
-                        await self._relay_intercepted(flow, ways, readiness, ending)
-                    else:
-                        await self._relay.run(
-                            ways, readiness, lambda way: self._direction_ended(flow, way, ending)
-                        )
+                if self._intercepted:
+                    await self._relay_intercepted(flow, live)
+                else:
+                    await self._relay.run(
+                        ways, readiness, lambda way: self._direction_ended(flow, way, ending)
+                    )
+            except TimedOut:
+                pass  # the sweep found the flow idle: ending says so, and the flow is reset
             finally:
-                # Both directions are over (or the flow was cancelled): the only question left
+                # Both directions are over (or the flow was stopped): the only question left
                 # is FIN or RST, and FlowEnding answers it.
                 if not ending.clean:
                     reset(client_sock)
                     reset(server_sock)
-                del self._live[flow.id]
-                for direction, count in counts.items():
-                    self._closed_bytes[direction] += count.written
+                to_server, to_client = (way.counts.written for way in ways)
+                self._closed_bytes[Direction.CLIENT_TO_SERVER] += to_server
+                self._closed_bytes[Direction.SERVER_TO_CLIENT] += to_client
                 emit(
                     FlowClosed(
                         flow,
                         ending.reason,
                         ending.first_closed,
-                        counts[Direction.CLIENT_TO_SERVER].written,
-                        counts[Direction.SERVER_TO_CLIENT].written,
+                        to_server,
+                        to_client,
                         _since(started),
                     )
                 )
@@ -353,15 +375,6 @@ class Proxy:
         reset(client_sock)
         self._emit(UpstreamFailed(flow, failure.reason))
         self._emit(FlowClosed(flow, f"upstream_{failure.reason}", None, 0, 0, _since(started)))
-
-    def _way(
-        self,
-        direction: Direction,
-        source: socket.socket,
-        sink: socket.socket,
-        counts: dict[Direction, Counts],
-    ) -> Way:
-        return Way(direction, source, sink, counts[direction], can_splice=self._relay.can_splice)
 
     def _direction_ended(
         self,
@@ -385,50 +398,50 @@ class Proxy:
             self._emit(InterceptorFailed(flow, way.direction, error))
         return ending.record(DirectionEnd(way.direction, kind, error))
 
-    async def _relay_intercepted(
-        self, flow: Flow, ways: tuple[Way, Way], readiness: Readiness, ending: FlowEnding
-    ) -> None:
+    async def _relay_intercepted(self, flow: Flow, live: _LiveFlow) -> None:
         """Each direction in a task of its own, running its interceptor chain (an empty one for
         a direction that no interceptor wants)."""
+        assert live.ways is not None
         async with trio.open_nursery() as directions:
-            for way in ways:
-                directions.start_soon(
-                    self._intercept_direction, flow, way, readiness, ending, directions.cancel_scope
-                )
+            live.scope = directions.cancel_scope
+            for way in live.ways:
+                directions.start_soon(self._intercept_direction, flow, way, live)
 
-    async def _intercept_direction(
-        self,
-        flow: Flow,
-        way: Way,
-        readiness: Readiness,
-        ending: FlowEnding,
-        flow_scope: trio.CancelScope,
-    ) -> None:
+    async def _intercept_direction(self, flow: Flow, way: Way, live: _LiveFlow) -> None:
         chain = self._chains[way.direction]
-        way.end, error = await _copy_intercepted(flow, way, readiness, chain)
-        if self._direction_ended(flow, way, ending, error):
-            flow_scope.cancel()
+        way.end, error = await _copy_intercepted(flow, way, live.readiness, chain)
+        if self._direction_ended(flow, way, live.ending, error) and live.scope is not None:
+            live.scope.cancel()
 
-    async def _expire_idle(self, timeout: float) -> None:
-        """End the flows that have not read a byte either way for ``timeout`` seconds.
+    async def _sweep(self) -> None:
+        """Stop the flows that are out of time: still connecting after the connect timeout,
+        or (with an idle timeout) not having read a byte either way for that long.
 
-        One sweep four times per timeout looks whether each flow's byte counts moved, rather
-        than have every read note the time: an idle flow ends between ``timeout`` and 1.25
-        times that after its last byte.
+        One sweep per ``_sweep_period`` looks at every flow, rather than each flow paying for a
+        deadline of its own and every read noting the time: a flow is stopped between its
+        timeout and a quarter of a period later. An idle flow is noticed by its byte counts not
+        moving between sweeps.
         """
+        connect_timeout, idle_timeout = self._connect_timeout, self._idle_timeout
         seen: dict[int, tuple[int, float]] = {}
         while True:
-            await trio.sleep(timeout / 4)
+            await trio.sleep(self._sweep_period)
             now = trio.current_time()
             still: dict[int, tuple[int, float]] = {}
             for flow_id, live in self._live.items():
+                if live.ways is None:
+                    if now - live.started >= connect_timeout:
+                        live.readiness.time_out()
+                    continue
+                if idle_timeout is None:
+                    continue
                 read = live.bytes_read()
                 last_read, since = seen.get(flow_id, (-1, now))
                 if read != last_read:
                     still[flow_id] = (read, now)
-                elif now - since >= timeout:
+                elif now - since >= idle_timeout:
                     live.ending.expire()
-                    live.scope.cancel()
+                    live.stop()
                 else:
                     still[flow_id] = (read, since)
             seen = still

@@ -54,20 +54,30 @@ def bit(side: Side, kind: int) -> int:
     return kind << side
 
 
+class TimedOut(Exception):
+    """The flow ran out of time while it waited: see ``Readiness.time_out``."""
+
+
 class Readiness:
     """What the reactor has seen of one flow's two sockets, and the tasks waiting on it.
 
     ``bits`` is public so that the relay can test and clear bits without a call per read.
     """
 
-    __slots__ = ("_waiters", "bits")
+    __slots__ = ("_waiters", "bits", "timed_out")
 
     def __init__(self, bits: int = 0) -> None:
         self.bits = bits
+        self.timed_out = False
         self._waiters: list[tuple[int, Task]] = []
 
     async def wait(self, mask: int) -> None:
-        """Sleep until one of the bits in ``mask`` is set (at once if one is)."""
+        """Sleep until one of the bits in ``mask`` is set (at once if one is).
+
+        Raises ``TimedOut`` once ``time_out`` has been called.
+        """
+        if self.timed_out:
+            raise TimedOut
         if self.bits & mask:
             await trio.lowlevel.checkpoint()
             return
@@ -79,6 +89,8 @@ class Readiness:
             return Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+        if self.timed_out:
+            raise TimedOut
 
     def notify(self, bits: int) -> None:
         """Set ``bits`` and wake the tasks waiting on any of them (the reactor's job)."""
@@ -88,6 +100,17 @@ class Readiness:
             for waiter in ready:
                 self._waiters.remove(waiter)
                 trio.lowlevel.reschedule(waiter[1])
+
+    def time_out(self) -> None:
+        """End every wait on this flow, now and from now on, with ``TimedOut``.
+
+        How the proxy stops a flow whose connect or idle time is up: one sweep over the flows
+        instead of a cancel scope per flow, which would cost each flow about 5 us.
+        """
+        self.timed_out = True
+        waiters, self._waiters = self._waiters, []
+        for _, task in waiters:
+            trio.lowlevel.reschedule(task)
 
 
 class Reactor:

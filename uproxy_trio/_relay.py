@@ -41,6 +41,22 @@ FAIRNESS_ROUNDS = 16
 FAIRNESS_BYTES = 4 << 20
 
 
+# A direction's readiness bits (source readable, source closed, sink writable), for
+# client-to-server (True) and server-to-client (False).
+_BITS = {
+    True: (
+        bit(Side.CLIENT, READABLE),
+        bit(Side.CLIENT, PEER_CLOSED),
+        bit(Side.SERVER, WRITABLE),
+    ),
+    False: (
+        bit(Side.SERVER, READABLE),
+        bit(Side.SERVER, PEER_CLOSED),
+        bit(Side.CLIENT, WRITABLE),
+    ),
+}
+
+
 @dataclass(slots=True)
 class Counts:
     """What one direction moved: bytes read from its source and delivered to its sink."""
@@ -70,23 +86,13 @@ class Way:
     )
 
     def __init__(
-        self,
-        direction: Direction,
-        source: socket.socket,
-        sink: socket.socket,
-        counts: Counts,
-        *,
-        can_splice: bool,
+        self, direction: Direction, source: socket.socket, sink: socket.socket, can_splice: bool
     ) -> None:
         self.direction = direction
         self.source = source
         self.sink = sink
-        self.counts = counts
-        source_side = Side.CLIENT if direction is Direction.CLIENT_TO_SERVER else Side.SERVER
-        sink_side = Side.SERVER if source_side is Side.CLIENT else Side.CLIENT
-        self.readable = bit(source_side, READABLE)
-        self.closed = bit(source_side, PEER_CLOSED)
-        self.writable = bit(sink_side, WRITABLE)
+        self.counts = Counts()
+        self.readable, self.closed, self.writable = _BITS[direction is Direction.CLIENT_TO_SERVER]
         self.can_splice = can_splice
         self.splicing = False
         self.backlog = memoryview(b"")
@@ -129,11 +135,13 @@ class Relay:
                     delivered = self._pump(way, readiness)
                     moved += delivered
                     progressed = progressed or delivered > 0 or way.end is not None
-                for way in [way for way in open_ways if way.end is not None]:
-                    open_ways.remove(way)
-                    self._release_pipe(way)
-                    if ended(way):
-                        return
+                if open_ways[0].end is not None or open_ways[-1].end is not None:
+                    for way in tuple(open_ways):
+                        if way.end is not None:
+                            open_ways.remove(way)
+                            self._release_pipe(way)
+                            if ended(way):
+                                return
                 if not progressed:
                     mask = 0
                     for way in open_ways:

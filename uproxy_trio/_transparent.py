@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import trio
 
 from ._address import Address, family_of, format_address
-from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, bit
+from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, TimedOut, bit
 
 # Linux values from <linux/in.h> and <linux/in6.h>; Python's socket module lacks the IPv6 one.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -43,8 +43,8 @@ class TransparencyUnavailable(PermissionError):
     """The process may not set ``IP_TRANSPARENT``: it lacks CAP_NET_ADMIN."""
 
 
-def _make_transparent(sock: socket.socket) -> None:
-    if sock.family == socket.AF_INET6:
+def _make_transparent(sock: socket.socket, family: socket.AddressFamily) -> None:
+    if family == socket.AF_INET6:
         level, option = socket.IPPROTO_IPV6, IPV6_TRANSPARENT
     else:
         level, option = socket.IPPROTO_IP, IP_TRANSPARENT
@@ -61,19 +61,19 @@ def transparency_available() -> bool:
     """Whether this process may make transparent sockets (has CAP_NET_ADMIN or CAP_NET_RAW)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
-            _make_transparent(probe)
+            _make_transparent(probe, socket.AF_INET)
         except TransparencyUnavailable:
             return False
     return True
 
 
-def _transparent_socket(address: Address) -> socket.socket:
+def _transparent_socket(family: socket.AddressFamily) -> socket.socket:
     # Plain non-blocking sockets, driven with trio.lowlevel.wait_readable/wait_writable: a
     # relay does a system call only when one is needed, and holds no wrapper per socket.
     # SOCK_NONBLOCK at creation spares the ioctl that setblocking(False) would cost per flow.
-    sock = socket.socket(family_of(address), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        _make_transparent(sock)
+        _make_transparent(sock, family)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     except BaseException:
         sock.close()
@@ -87,7 +87,7 @@ def open_transparent_listener(address: Address, *, reuse_port: bool = False) -> 
     ``reuse_port`` lets several processes listen on the same address, the kernel spreading
     new flows across them (SO_REUSEPORT; TPROXY's listener lookup honours it).
     """
-    sock = _transparent_socket(address)
+    sock = _transparent_socket(family_of(address))
     try:
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -128,14 +128,14 @@ def _connect_failure_reason(exc: OSError) -> str:
     return type(exc).__name__
 
 
-def open_outgoing(client: Address) -> socket.socket:
+def open_outgoing(client: Address, family: socket.AddressFamily) -> socket.socket:
     """A socket bound to the client's own ``client`` address, ready for ``connect_out``.
 
     Raises ``ConnectFailed`` for a local failure such as running out of descriptors or the
     client's address being taken here. The caller closes the socket.
     """
     try:
-        sock = _transparent_socket(client)
+        sock = _transparent_socket(family)
     except TransparencyUnavailable:
         raise
     except OSError as exc:
@@ -152,23 +152,21 @@ def open_outgoing(client: Address) -> socket.socket:
     return sock
 
 
-async def connect_out(
-    sock: socket.socket, server: Address, timeout: float, readiness: Readiness
-) -> None:
+async def connect_out(sock: socket.socket, server: Address, readiness: Readiness) -> None:
     """Connect ``sock`` (from ``open_outgoing``, watched as the flow's server side) to ``server``.
 
     Raises ``ConnectFailed`` for what a client would otherwise have seen as an error
-    (refused, unreachable, no answer within ``timeout`` seconds), and when the 4-tuple is
-    taken here.
+    (refused, unreachable, no answer before the proxy times the flow out with
+    ``readiness.time_out()``), and when the 4-tuple is taken here.
     """
     try:
         await _connect_once_free(sock, server, readiness)
     except OSError as exc:
         raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
-    with trio.move_on_after(timeout) as deadline:
+    try:
         await readiness.wait(_SERVER_WRITABLE)
-    if deadline.cancelled_caught:
-        raise ConnectFailed("timeout")
+    except TimedOut:
+        raise ConnectFailed("timeout") from None
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         failure = OSError(error, os.strerror(error))
