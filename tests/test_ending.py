@@ -61,3 +61,16 @@ def test_an_idle_flow_expires_with_a_reset_even_after_clean_eofs() -> None:
     ending.expire()
     assert not ending.clean
     assert ending.reason == "idle_timeout"
+
+
+def test_only_the_first_eof_needs_a_shutdown_the_second_is_sent_by_close() -> None:
+    ending = FlowEnding()
+    assert ending.fin_needs_shutdown
+    ending.record(DirectionEnd(Direction.SERVER_TO_CLIENT, EndKind.EOF))
+    assert not ending.fin_needs_shutdown
+
+
+def test_after_a_reset_an_eof_still_needs_its_shutdown() -> None:
+    ending = FlowEnding()
+    ending.record(DirectionEnd(Direction.SERVER_TO_CLIENT, EndKind.SINK_RESET))
+    assert ending.fin_needs_shutdown

@@ -61,6 +61,16 @@ class FlowEnding:
         return end.kind is not EndKind.EOF
 
     @property
+    def fin_needs_shutdown(self) -> bool:
+        """Whether an EOF ending a direction now must be passed on by ``shutdown(SHUT_WR)``.
+
+        Not when the other direction has ended with EOF already: both sockets are closed next,
+        and ``close`` sends the FIN itself (the sink has been read to its EOF, so there is no
+        unread byte that would turn it into a RST). One system call fewer per flow.
+        """
+        return not self.ends or self.ends[0].kind is not EndKind.EOF
+
+    @property
     def clean(self) -> bool:
         """Both directions saw EOF: close both sockets normally."""
         return (

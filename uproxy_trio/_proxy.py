@@ -387,7 +387,7 @@ class Proxy:
         when the whole flow must now be reset."""
         kind = way.end
         assert kind is not None
-        if kind is EndKind.EOF:
+        if kind is EndKind.EOF and ending.fin_needs_shutdown:
             try:
                 way.sink.shutdown(socket.SHUT_WR)
             except OSError:

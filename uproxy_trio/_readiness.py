@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import select
 import socket
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -48,6 +49,9 @@ PEER_CLOSED = 4
 """The peer has sent its FIN (or reset): sticky, never cleared. A read that returns less than
 asked then does not mean the socket is empty, since the EOF is still to be read."""
 
+FINISHED = 1 << 6
+"""Set by ``Readiness.finish``: the flow's driver is done and its task should wake."""
+
 
 def bit(side: Side, kind: int) -> int:
     """The bit for ``kind`` (``READABLE``, ``WRITABLE``, ``PEER_CLOSED``) of ``side``'s socket."""
@@ -59,16 +63,23 @@ class TimedOut(Exception):
 
 
 class Readiness:
-    """What the reactor has seen of one flow's two sockets, and the tasks waiting on it.
+    """What the reactor has seen of one flow's two sockets, and who acts on it: the tasks
+    waiting for some of the bits, or a driver that the reactor calls itself.
 
     ``bits`` is public so that the relay can test and clear bits without a call per read.
     """
 
-    __slots__ = ("_waiters", "bits", "timed_out")
+    __slots__ = ("_waiters", "bits", "driver", "queued", "timed_out")
 
     def __init__(self, bits: int = 0) -> None:
         self.bits = bits
         self.timed_out = False
+        self.driver: Callable[[], bool] | None = None
+        """While set, the reactor calls it after each edge instead of waking a task: a flow
+        that needs no task of its own per event (no interceptor) moves its bytes right there,
+        and a request costs no trip through Trio's scheduler. It returns true when it has
+        more to do but should let others go first; it must never block."""
+        self.queued = False
         self._waiters: list[tuple[int, Task]] = []
 
     async def wait(self, mask: int) -> None:
@@ -92,14 +103,23 @@ class Readiness:
         if self.timed_out:
             raise TimedOut
 
-    def notify(self, bits: int) -> None:
-        """Set ``bits`` and wake the tasks waiting on any of them (the reactor's job)."""
+    def notify(self, bits: int) -> bool:
+        """Set ``bits`` (the reactor's job); true if the driver should now run, which the
+        reactor does once per round however many edges the flow had."""
         self.bits |= bits
+        if self.driver is not None:
+            if self.queued:
+                return False
+            self.queued = True
+            return True
         if self._waiters:
-            ready = [waiter for waiter in self._waiters if waiter[0] & bits]
-            for waiter in ready:
-                self._waiters.remove(waiter)
-                trio.lowlevel.reschedule(waiter[1])
+            self._wake(bits)
+        return False
+
+    def finish(self) -> None:
+        """Wake the task waiting for ``FINISHED``: the driver is done with the flow."""
+        self.bits |= FINISHED
+        self._wake(FINISHED)
 
     def time_out(self) -> None:
         """End every wait on this flow, now and from now on, with ``TimedOut``.
@@ -111,6 +131,12 @@ class Readiness:
         waiters, self._waiters = self._waiters, []
         for _, task in waiters:
             trio.lowlevel.reschedule(task)
+
+    def _wake(self, bits: int) -> None:
+        ready = [waiter for waiter in self._waiters if waiter[0] & bits]
+        for waiter in ready:
+            self._waiters.remove(waiter)
+            trio.lowlevel.reschedule(waiter[1])
 
 
 class Reactor:
@@ -148,11 +174,17 @@ class Reactor:
         return Watching(self._watched, fd, readiness)
 
     async def run(self) -> None:
-        """Turn edges into ``Readiness`` bits until cancelled."""
+        """Turn edges into ``Readiness`` bits, and run the drivers they call for, until
+        cancelled."""
         epoll, watched = self._epoll, self._watched
         fileno = epoll.fileno()
+        again: list[Readiness] = []
         while True:
-            await trio.lowlevel.wait_readable(fileno)
+            if again:
+                await trio.lowlevel.checkpoint()  # drivers with more to do: after the others
+            else:
+                await trio.lowlevel.wait_readable(fileno)
+            drive, again = again, []
             for fd, events in epoll.poll(0, MAX_EVENTS):
                 entry = watched.get(fd)
                 if entry is None:
@@ -165,7 +197,14 @@ class Reactor:
                     bits |= WRITABLE
                 if events & _CLOSED_EVENTS:
                     bits |= PEER_CLOSED
-                readiness.notify(bits << side)
+                if readiness.notify(bits << side):
+                    drive.append(readiness)
+            for readiness in drive:
+                readiness.queued = False
+                driver = readiness.driver
+                if driver is not None and driver():
+                    readiness.queued = True
+                    again.append(readiness)
 
 
 class Watching:

@@ -25,7 +25,7 @@ import trio
 
 from ._ending import EndKind
 from ._flow import Direction
-from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, bit
+from ._readiness import FINISHED, PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, bit
 from ._splice import SPLICE_FLAGS, Pipe, PipePool
 
 # The shared buffer for plain reads. A read that fills it means bulk data, which then moves
@@ -100,11 +100,6 @@ class Way:
         self.in_pipe = 0
         self.end: EndKind | None = None
 
-    @property
-    def wants(self) -> int:
-        """The readiness bit this direction is stuck on: its sink's while it holds bytes."""
-        return self.writable if self.in_pipe or self.backlog else self.readable
-
 
 class Relay:
     """The copying machinery one proxy shares between its flows: the read buffer and the
@@ -125,35 +120,22 @@ class Relay:
         ended: Callable[[Way], bool],
     ) -> None:
         """Move both directions until both have ended, or until ``ended`` (told of each
-        direction's end, once) says the flow must stop."""
-        open_ways = list(ways)
-        rounds = moved = 0
+        direction's end, once) says the flow must stop.
+
+        The reactor does the moving, as the sockets' edges come in (see ``Readiness.driver``):
+        this task only starts it and sleeps until the flow is over, so a request and its
+        response cost no trip through the scheduler.
+        """
+        drive = _Drive(self, ways, readiness, ended)
+        readiness.driver = drive.advance
         try:
-            while open_ways:
-                progressed = False
-                for way in open_ways:
-                    delivered = self._pump(way, readiness)
-                    moved += delivered
-                    progressed = progressed or delivered > 0 or way.end is not None
-                if open_ways[0].end is not None or open_ways[-1].end is not None:
-                    for way in tuple(open_ways):
-                        if way.end is not None:
-                            open_ways.remove(way)
-                            self._release_pipe(way)
-                            if ended(way):
-                                return
-                if not progressed:
-                    mask = 0
-                    for way in open_ways:
-                        mask |= way.wants
-                    await readiness.wait(mask)
-                    rounds = moved = 0
-                    continue
-                rounds += 1
-                if rounds >= FAIRNESS_ROUNDS or moved >= FAIRNESS_BYTES:
-                    await trio.lowlevel.checkpoint()
-                    rounds = moved = 0
+            while drive.advance():
+                await trio.lowlevel.checkpoint()
+            await readiness.wait(FINISHED)
+            if drive.error is not None:
+                raise drive.error
         finally:
+            readiness.driver = None
             for way in ways:
                 self._release_pipe(way)
 
@@ -275,3 +257,58 @@ class Relay:
             pipe.close()
         else:
             self._pipes.give_back(pipe)
+
+
+class _Drive:
+    """One flow relayed by the reactor: ``advance`` runs each time one of its sockets has an
+    edge, moves what can be moved, and tells the flow's task when the flow is over."""
+
+    __slots__ = ("_ended", "_open", "_readiness", "_relay", "error")
+
+    def __init__(
+        self,
+        relay: Relay,
+        ways: tuple[Way, Way],
+        readiness: Readiness,
+        ended: Callable[[Way], bool],
+    ) -> None:
+        self._relay = relay
+        self._open = list(ways)
+        self._readiness = readiness
+        self._ended = ended
+        self.error: Exception | None = None
+
+    def advance(self) -> bool:
+        """Move until both directions are stuck; true if there is more to move but this
+        flow's turn is over (it is called again after the others have had theirs)."""
+        if not self._open:
+            return False
+        open_ways, readiness, pump = self._open, self._readiness, self._relay._pump
+        rounds = moved = 0
+        try:
+            while True:
+                progressed = False
+                for way in open_ways:
+                    delivered = pump(way, readiness)
+                    moved += delivered
+                    progressed = progressed or delivered > 0 or way.end is not None
+                if open_ways[0].end is not None or open_ways[-1].end is not None:
+                    for way in tuple(open_ways):
+                        if way.end is not None:
+                            open_ways.remove(way)
+                            self._relay._release_pipe(way)
+                            if self._ended(way):
+                                open_ways.clear()
+                    if not open_ways:
+                        readiness.finish()
+                        return False
+                if not progressed:
+                    return False
+                rounds += 1
+                if rounds >= FAIRNESS_ROUNDS or moved >= FAIRNESS_BYTES:
+                    return True
+        except Exception as exc:  # noqa: BLE001 - a bug here must end this flow, not the reactor
+            self.error = exc
+            open_ways.clear()
+            readiness.finish()
+            return False

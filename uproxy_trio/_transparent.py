@@ -28,7 +28,8 @@ COLLISION_RETRIES = 10
 COLLISION_RETRY_S = 0.005
 
 _SERVER_WRITABLE = bit(Side.SERVER, WRITABLE)
-_SERVER_BITS = bit(Side.SERVER, READABLE) | _SERVER_WRITABLE | bit(Side.SERVER, PEER_CLOSED)
+_SERVER_CLOSED = bit(Side.SERVER, PEER_CLOSED)
+_SERVER_BITS = bit(Side.SERVER, READABLE) | _SERVER_WRITABLE | _SERVER_CLOSED
 
 # A full accept queue under a burst of SYNs costs the clients a retransmit (one second); the
 # kernel caps this at net.core.somaxconn anyway.
@@ -167,7 +168,13 @@ async def connect_out(sock: socket.socket, server: Address, readiness: Readiness
         await readiness.wait(_SERVER_WRITABLE)
     except TimedOut:
         raise ConnectFailed("timeout") from None
-    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    # A failed connect reports an error or a hang-up along with "writable": only then is
+    # there an error worth a system call to fetch.
+    error = (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if readiness.bits & _SERVER_CLOSED
+        else 0
+    )
     if error:
         failure = OSError(error, os.strerror(error))
         raise ConnectFailed(_connect_failure_reason(failure), failure) from None
