@@ -63,6 +63,38 @@ async def test_bulk_is_spliced_and_idle_flows_give_their_pipes_back(
     assert cli_proxy.stop() == 0
 
 
+UPLOAD_ONLY = """
+from uproxy_trio import directions
+
+
+@directions("client_to_server")
+async def upload_only(flow, direction, chunks):
+    async for chunk in chunks:
+        yield chunk
+"""
+
+
+async def test_a_direction_no_interceptor_touches_is_spliced_beside_one_that_is_intercepted(
+    lab: Lab, cli_proxy: CliProxy, tmp_path: Path
+) -> None:
+    interceptor = tmp_path / "upload_only.py"
+    interceptor.write_text(UPLOAD_ONLY)
+    cli_proxy.start("--interceptor", f"{interceptor}:upload_only")
+    download = os.urandom(8 << 20)
+    with trio.fail_after(30):
+        listener, client, server, _ = await open_flow(lab, SERVER_V4)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all, server, download)
+            assert await recv_exactly(client, len(download)) == download
+        # The download went through pipes (the pool keeps them); the upload still works.
+        assert cli_proxy.open_pipes() > 0
+        await send_all(client, b"up")
+        assert await recv_exactly(server, 2) == b"up"
+    for sock in (client, server, listener):
+        sock.close()
+    assert cli_proxy.stop() == 0
+
+
 async def test_a_reset_in_the_middle_of_a_splice_is_passed_on(
     lab: Lab, cli_proxy: CliProxy
 ) -> None:

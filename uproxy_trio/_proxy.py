@@ -399,8 +399,8 @@ class Proxy:
         return ending.record(DirectionEnd(way.direction, kind, error))
 
     async def _relay_intercepted(self, flow: Flow, live: _LiveFlow) -> None:
-        """Each direction in a task of its own, running its interceptor chain (an empty one for
-        a direction that no interceptor wants)."""
+        """Each direction in a task of its own: one runs its interceptor chain, and one that no
+        interceptor wants relays as a plain flow would."""
         assert live.ways is not None
         async with trio.open_nursery() as directions:
             live.scope = directions.cancel_scope
@@ -409,7 +409,11 @@ class Proxy:
 
     async def _intercept_direction(self, flow: Flow, way: Way, live: _LiveFlow) -> None:
         chain = self._chains[way.direction]
-        way.end, error = await _copy_intercepted(flow, way, live.readiness, chain)
+        error = None
+        if chain:
+            way.end, error = await _copy_intercepted(flow, way, live.readiness, chain)
+        else:
+            await self._relay.run_direction(way, live.readiness)
         if self._direction_ended(flow, way, live.ending, error) and live.scope is not None:
             live.scope.cancel()
 
