@@ -60,8 +60,12 @@ ACCEPT_RETRY_S = 0.1
 # Connections taken per wake-up of an accept loop before it yields to the flows.
 ACCEPT_BATCH = 64
 
-# Interceptors get chunks of up to this much: large reads, fewer chunks, less overhead each.
-INTERCEPT_READ_SIZE = 262144
+# Interceptors get chunks of up to INTERCEPT_READ_SIZE: large reads, fewer chunks, less
+# overhead each (512 KiB moved about 12% more than 256 KiB through an identity interceptor).
+# A read starts at INTERCEPT_FIRST_READ and grows while reads fill it, so a small message
+# does not pay for allocating half a megabyte.
+INTERCEPT_FIRST_READ = 65536
+INTERCEPT_READ_SIZE = 524288
 
 # A fresh client socket can take bytes, and has most likely sent its first ones already.
 _CLIENT_READY = bit(Side.CLIENT, READABLE) | bit(Side.CLIENT, WRITABLE)
@@ -489,13 +493,13 @@ class _SourceReader:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         way, readiness = self.way, self.readiness
-        reads = 0
+        reads, size = 0, INTERCEPT_FIRST_READ
         while True:
             if not readiness.bits & way.readable:
                 await readiness.wait(way.readable)
                 reads = 0
             try:
-                data = way.source.recv(INTERCEPT_READ_SIZE)
+                data = way.source.recv(size)
             except BlockingIOError:
                 readiness.bits &= ~way.readable
                 continue
@@ -505,8 +509,12 @@ class _SourceReader:
             if not data:
                 return
             way.counts.read += len(data)
-            if len(data) < INTERCEPT_READ_SIZE and not readiness.bits & way.closed:
-                readiness.bits &= ~way.readable  # emptied it (see Relay._copy)
+            if len(data) == size:
+                size = min(size * 4, INTERCEPT_READ_SIZE)
+            else:
+                size = INTERCEPT_FIRST_READ
+                if not readiness.bits & way.closed:
+                    readiness.bits &= ~way.readable  # emptied it (see Relay._copy)
             reads += 1
             if reads >= FAIRNESS_ROUNDS:
                 await trio.lowlevel.checkpoint()
