@@ -1,4 +1,6 @@
-"""Relaying a flow that no interceptor touches: both directions in the flow's one task.
+"""Relaying what no interceptor touches: both directions of a plain flow, moved by the reactor
+as its sockets' edges come in (``Relay.run``), or one direction of an intercepted flow, in a
+task of its own (``Relay.run_direction``).
 
 Each direction (a ``Way``) moves what its source has whenever the flow's ``Readiness`` says
 it may, choosing the path per read like HAProxy's splice-auto: small reads (requests,
