@@ -56,11 +56,15 @@ def pairs(count: int) -> Iterator[list[Pair]]:
 
 
 @asynccontextmanager
-async def running_reactor() -> AsyncIterator[Reactor]:
-    with Reactor() as reactor:
+async def watched(*flows: Pair) -> AsyncIterator[list[Readiness]]:
+    """A running reactor watching each pair's inner sockets; one ``Readiness`` per pair."""
+    with Reactor() as reactor, ExitStack() as stack:
+        readinesses = [Readiness() for _ in flows]
+        for pair, readiness in zip(flows, readinesses, strict=True):
+            pair.watch(reactor, readiness, stack)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reactor.run)
-            yield reactor
+            yield readinesses
             nursery.cancel_scope.cancel()
 
 
@@ -88,10 +92,8 @@ async def write_all(sock: socket.socket, data: bytes, then: Callable[[], None]) 
 
 
 async def test_an_edge_wakes_the_task_waiting_for_it() -> None:
-    with pairs(1) as (pair,), ExitStack() as stack:
-        async with running_reactor() as reactor:
-            readiness = Readiness()
-            pair.watch(reactor, readiness, stack)
+    with pairs(1) as (pair,):
+        async with watched(pair) as (readiness,):
             with trio.fail_after(5):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(readiness.wait, bit(Side.CLIENT, READABLE))
@@ -104,12 +106,10 @@ async def test_bytes_and_a_fin_reported_by_one_edge_are_both_relayed() -> None:
     # Both arrive before the socket is even watched, so the kernel reports them as a single
     # edge. The short read that takes the bytes must not be taken for "the socket is empty":
     # the EOF is still to be read, and no further edge would ever say so.
-    with pairs(1) as (pair,), ExitStack() as stack:
+    with pairs(1) as (pair,):
         pair.client.send(b"request")
         pair.client.shutdown(socket.SHUT_WR)
-        async with running_reactor() as reactor:
-            readiness = Readiness()
-            pair.watch(reactor, readiness, stack)
+        async with watched(pair) as (readiness,):
             with trio.fail_after(5):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(Relay(PipePool()).run, pair.ways, readiness, pair.ended)
@@ -127,10 +127,8 @@ async def test_both_directions_at_once_are_byte_exact(size: int) -> None:
     # Small reads, a read that exactly fills the shared buffer, and bulk through the pipes,
     # with both sinks kept full so that bytes wait in the backlog and in the pipe.
     upload, download = os.urandom(size), os.urandom(size)
-    with pairs(1) as (pair,), ExitStack() as stack:
-        async with running_reactor() as reactor:
-            readiness = Readiness()
-            pair.watch(reactor, readiness, stack)
+    with pairs(1) as (pair,):
+        async with watched(pair) as (readiness,):
             with trio.fail_after(20):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(Relay(PipePool()).run, pair.ways, readiness, pair.ended)
@@ -143,11 +141,8 @@ async def test_both_directions_at_once_are_byte_exact(size: int) -> None:
 
 async def test_a_fault_in_one_flows_relay_ends_that_flow_and_no_other() -> None:
     relay = Relay(PipePool())
-    with pairs(2) as (faulty, healthy), ExitStack() as stack:
-        async with running_reactor() as reactor:
-            faulty_readiness, healthy_readiness = Readiness(), Readiness()
-            faulty.watch(reactor, faulty_readiness, stack)
-            healthy.watch(reactor, healthy_readiness, stack)
+    with pairs(2) as (faulty, healthy):
+        async with watched(faulty, healthy) as (faulty_readiness, healthy_readiness):
 
             def broken(way: Way) -> bool:
                 raise RuntimeError("a bug in the proxy")
