@@ -5,7 +5,9 @@ disarms it after the wake-up: two or three ``epoll_ctl`` calls per wait, about s
 flow. Here each socket is registered once, for reading and writing, edge-triggered, and one
 reactor task turns the kernel's edges into bits on the flow's ``Readiness``, waking the flow's
 task only if it is waiting for one of them. A short flow then costs two ``epoll_ctl`` calls,
-and a whole flow can wait on both its sockets from a single task.
+and a whole flow can wait on both its sockets from a single task. A flow may go further and
+hand the reactor a driver (``Readiness.driver``), which the reactor calls on each edge instead
+of waking a task: no trip through Trio's scheduler per event.
 
 Edge-triggered means the kernel reports a change once, so the bits are "may be ready": a task
 clears a bit when the socket says it would block (or when a short read has emptied it), and
