@@ -117,6 +117,8 @@ class Proxy:
     ) -> None:
         if max_flows is not None and max_flows < 1:
             raise ValueError("max_flows must be at least 1")
+        if connect_timeout <= 0 or (idle_timeout is not None and idle_timeout <= 0):
+            raise ValueError("connect_timeout and idle_timeout must be positive")
         # Each direction's chain is the same for every flow: worked out once, here.
         self._chains = {direction: chain_for(interceptors, direction) for direction in Direction}
         self._intercepted = any(self._chains.values())
