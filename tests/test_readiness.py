@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 
@@ -174,3 +176,14 @@ async def test_time_out_ends_the_wait_now_and_every_wait_after() -> None:
             readiness.time_out()
     with pytest.raises(TimedOut):
         await readiness.wait(FINISHED)
+
+
+def test_the_package_imports_where_there_is_no_epoll() -> None:
+    # Serving needs Linux, but writing and unit-testing an interceptor should not.
+    code = (
+        "import select\n"
+        "for name in [n for n in dir(select) if n.startswith('EPOLL')] + ['epoll']:\n"
+        "    delattr(select, name)\n"
+        "import uproxy_trio, uproxy_trio.interceptors\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
