@@ -429,8 +429,8 @@ class Proxy:
 
         One sweep per ``_sweep_period`` looks at every flow, rather than each flow paying for a
         deadline of its own and every read noting the time: a flow is stopped between its
-        timeout and a quarter of a period later. An idle flow is noticed by its byte counts not
-        moving between sweeps.
+        timeout and one period later (a quarter of the shorter timeout). An idle flow is
+        noticed by its byte counts not moving between sweeps.
         """
         connect_timeout, idle_timeout = self._connect_timeout, self._idle_timeout
         seen: dict[int, tuple[int, float]] = {}
@@ -441,7 +441,7 @@ class Proxy:
             for flow_id, live in self._live.items():
                 if live.ways is None:
                     if now - live.started >= connect_timeout:
-                        live.readiness.time_out()
+                        live.stop()  # connect_out turns this into ConnectFailed("timeout")
                     continue
                 if idle_timeout is None:
                     continue
