@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from uproxy_trio import Direction
-from uproxy_trio._ending import DirectionEnd, EndKind, FlowEnding
+from uproxy_trio._ending import DirectionEnd, EndKind, FlowEnding, Stop
 
 C2S, S2C = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
 
@@ -55,12 +55,36 @@ def test_a_flow_stopped_from_outside_is_cancelled_and_reset() -> None:
     assert ending.reason == "cancelled"
 
 
-def test_an_idle_flow_expires_with_a_reset_even_after_clean_eofs() -> None:
+def test_an_idle_flow_is_stopped_with_a_reset() -> None:
     ending = FlowEnding()
     ending.record(DirectionEnd(C2S, EndKind.EOF))
-    ending.expire()
+    assert ending.stop(Stop.IDLE_TIMEOUT) is True
+    assert ending.resetting
     assert not ending.clean
     assert ending.reason == "idle_timeout"
+
+
+def test_a_flow_that_finished_is_never_reported_as_stopped() -> None:
+    ending = FlowEnding()
+    ending.record(DirectionEnd(C2S, EndKind.EOF))
+    ending.record(DirectionEnd(Direction.SERVER_TO_CLIENT, EndKind.EOF))
+    assert ending.stop(Stop.IDLE_TIMEOUT) is False
+    assert (ending.clean, ending.reason) == (True, "closed")
+
+
+def test_once_resetting_the_first_reason_stays() -> None:
+    ending = FlowEnding()
+    ending.record(DirectionEnd(C2S, EndKind.SOURCE_RESET))
+    assert ending.stop(Stop.IDLE_TIMEOUT) is False
+    assert ending.reason == "client_reset"
+
+
+def test_an_upstream_failure_or_refusal_names_itself() -> None:
+    failed, refused = FlowEnding(), FlowEnding()
+    failed.fail_upstream("refused")
+    refused.refuse("self_loop")
+    assert (failed.resetting, failed.reason) == (True, "upstream_refused")
+    assert (refused.resetting, refused.reason) == (True, "refused_self_loop")
 
 
 def test_only_the_first_eof_needs_a_shutdown_the_second_is_sent_by_close() -> None:

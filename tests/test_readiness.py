@@ -1,181 +1,169 @@
-"""The reactor, readiness bits and the one-task relay, over socket pairs (no lab needed).
-
-Edge-triggered epoll reports a change once; these tests pin the cases where a missed edge
-would hang a flow for good.
-"""
+"""The reactor and a flow's readiness: who is woken by an edge, who may wait, and how the
+reactor shares its time between pumps."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 
 import pytest
 import trio
+import trio.lowlevel
+import trio.testing
+from lab_tools import eventually
+from relay_tools import LongestStep, read_to_eof, tcp_pair, write_all
 
 from uproxy_trio import Direction
-from uproxy_trio._ending import EndKind
-from uproxy_trio._readiness import FINISHED, READABLE, Reactor, Readiness, Side, TimedOut, bit
-from uproxy_trio._relay import Relay, Way
-from uproxy_trio._splice import PipePool
+from uproxy_trio._direction import SharedBuffers, Way
+from uproxy_trio._readiness import READABLE, ROUND_S, WRITABLE, Reactor, Readiness, Side, Turn, bit
 
-
-class Pair:
-    """One relayed flow between two socket pairs: the test holds the outer ends."""
-
-    def __init__(self, stack: ExitStack) -> None:
-        self.client, client_inner = socket.socketpair()
-        server_inner, self.server = socket.socketpair()
-        for sock in (self.client, client_inner, server_inner, self.server):
-            stack.enter_context(sock)
-            sock.setblocking(False)
-        self.ways = (
-            Way(Direction.CLIENT_TO_SERVER, client_inner, server_inner, can_splice=True),
-            Way(Direction.SERVER_TO_CLIENT, server_inner, client_inner, can_splice=True),
-        )
-        self.ends: list[tuple[Direction, EndKind | None]] = []
-
-    def watch(self, reactor: Reactor, readiness: Readiness, stack: ExitStack) -> None:
-        stack.enter_context(reactor.watch(self.ways[0].source, readiness, Side.CLIENT))
-        stack.enter_context(reactor.watch(self.ways[1].source, readiness, Side.SERVER))
-
-    def ended(self, way: Way) -> bool:
-        """What the proxy does: pass an EOF on as a FIN; anything else stops the flow."""
-        self.ends.append((way.direction, way.end))
-        if way.end is EndKind.EOF:
-            way.sink.shutdown(socket.SHUT_WR)
-            return False
-        return True
+CLIENT_READABLE = bit(Side.CLIENT, READABLE)
 
 
 @contextmanager
-def pairs(count: int) -> Iterator[list[Pair]]:
+def pairs(count: int) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
     with ExitStack() as stack:
-        yield [Pair(stack) for _ in range(count)]
+        made = [tcp_pair() for _ in range(count)]
+        for pair in made:
+            for sock in pair:
+                stack.enter_context(sock)
+        yield made
 
 
 @asynccontextmanager
-async def watched(*flows: Pair) -> AsyncIterator[list[Readiness]]:
-    """A running reactor watching each pair's inner sockets; one ``Readiness`` per pair."""
-    with Reactor() as reactor, ExitStack() as stack:
-        readinesses = [Readiness() for _ in flows]
-        for pair, readiness in zip(flows, readinesses, strict=True):
-            pair.watch(reactor, readiness, stack)
+async def reactor_running() -> AsyncIterator[Reactor]:
+    with Reactor() as reactor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reactor.run)
-            yield readinesses
+            yield reactor
             nursery.cancel_scope.cancel()
 
 
-async def read_to_eof(sock: socket.socket) -> bytes:
-    received = bytearray()
-    while True:
-        try:
-            chunk = sock.recv(1 << 20)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        if not chunk:
-            return bytes(received)
-        received += chunk
-
-
-async def write_all(sock: socket.socket, data: bytes, then: Callable[[], None]) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-    then()
-
-
 async def test_an_edge_wakes_the_task_waiting_for_it() -> None:
-    with pairs(1) as (pair,):
-        async with watched(pair) as (readiness,):
-            with trio.fail_after(5):
+    with pairs(1) as [(outer, inner)]:
+        readiness = Readiness()
+        async with reactor_running() as reactor:
+            with reactor.watch(inner, readiness, Side.CLIENT), trio.fail_after(5):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(readiness.wait, bit(Side.CLIENT, READABLE))
+                    nursery.start_soon(readiness.wait, CLIENT_READABLE)
                     await trio.testing.wait_all_tasks_blocked()
-                    pair.client.send(b"x")
-            assert readiness.bits & bit(Side.CLIENT, READABLE)
+                    assert not readiness.bits & CLIENT_READABLE
+                    outer.send(b"x")
+        assert readiness.bits & CLIENT_READABLE
 
 
-async def test_bytes_and_a_fin_reported_by_one_edge_are_both_relayed() -> None:
-    # Both arrive before the socket is even watched, so the kernel reports them as a single
-    # edge. The short read that takes the bytes must not be taken for "the socket is empty":
-    # the EOF is still to be read, and no further edge would ever say so.
-    with pairs(1) as (pair,):
-        pair.client.send(b"request")
-        pair.client.shutdown(socket.SHUT_WR)
-        async with watched(pair) as (readiness,):
-            with trio.fail_after(5):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(Relay(PipePool()).run, pair.ways, readiness, pair.ended)
-                    assert await read_to_eof(pair.server) == b"request"
-                    pair.server.shutdown(socket.SHUT_WR)
-                    assert await read_to_eof(pair.client) == b""
-    assert pair.ends == [
-        (Direction.CLIENT_TO_SERVER, EndKind.EOF),
-        (Direction.SERVER_TO_CLIENT, EndKind.EOF),
-    ]
-
-
-@pytest.mark.parametrize("size", [1, 65536, 3 << 20])
-async def test_both_directions_at_once_are_byte_exact(size: int) -> None:
-    # Small reads, a read that exactly fills the shared buffer, and bulk through the pipes,
-    # with both sinks kept full so that bytes wait in the backlog and in the pipe.
-    upload, download = os.urandom(size), os.urandom(size)
-    with pairs(1) as (pair,):
-        async with watched(pair) as (readiness,):
-            with trio.fail_after(20):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(Relay(PipePool()).run, pair.ways, readiness, pair.ended)
-                    client, server = pair.client, pair.server
-                    nursery.start_soon(write_all, client, upload, lambda: client.shutdown(1))
-                    nursery.start_soon(write_all, server, download, lambda: server.shutdown(1))
-                    assert await read_to_eof(server) == upload
-                    assert await read_to_eof(client) == download
-
-
-async def test_a_fault_in_one_flows_relay_ends_that_flow_and_no_other() -> None:
-    relay = Relay(PipePool())
-    with pairs(2) as (faulty, healthy):
-        async with watched(faulty, healthy) as (faulty_readiness, healthy_readiness):
-
-            def broken(way: Way) -> bool:
-                raise RuntimeError("a bug in the proxy")
-
-            with trio.fail_after(5):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(relay.run, healthy.ways, healthy_readiness, healthy.ended)
-                    faulty.client.shutdown(socket.SHUT_WR)  # its end is what trips the bug
-                    with pytest.raises(RuntimeError, match="a bug in the proxy"):
-                        await relay.run(faulty.ways, faulty_readiness, broken)
-                    # The reactor is still there for the other flow.
-                    healthy.client.send(b"still here")
-                    healthy.client.shutdown(socket.SHUT_WR)
-                    assert await read_to_eof(healthy.server) == b"still here"
-                    healthy.server.shutdown(socket.SHUT_WR)
-
-
-async def test_time_out_ends_the_wait_now_and_every_wait_after() -> None:
+async def test_a_second_waiter_on_the_same_bits_is_refused() -> None:
     readiness = Readiness()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(readiness.wait, CLIENT_READABLE | bit(Side.SERVER, WRITABLE))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await readiness.wait(CLIENT_READABLE)
+        # Other bits of the same flow are another task's to wait on.
+        with trio.move_on_after(0.01):
+            await readiness.wait(bit(Side.SERVER, READABLE))
+        nursery.cancel_scope.cancel()
 
-            async def wait_finished() -> None:
-                with pytest.raises(TimedOut):
-                    await readiness.wait(FINISHED)
 
-            nursery.start_soon(wait_finished)
-            await trio.testing.wait_all_tasks_blocked()
-            readiness.time_out()
-    with pytest.raises(TimedOut):
-        await readiness.wait(FINISHED)
+async def test_a_cancelled_pump_is_detached_at_once_and_moves_nothing_more() -> None:
+    with pairs(2) as [(client, client_inner), (server_inner, server)]:
+        readiness = Readiness()
+        way = Way(
+            Direction.CLIENT_TO_SERVER, client_inner, server_inner, readiness, SharedBuffers(None)
+        )
+        async with reactor_running() as reactor:
+            with (
+                reactor.watch(client_inner, readiness, Side.CLIENT),
+                reactor.watch(server_inner, readiness, Side.SERVER),
+                trio.fail_after(5),
+            ):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(way.relay)
+                    await write_all(client, b"before")
+                    await eventually(lambda: way.written == 6)
+                    nursery.cancel_scope.cancel()
+                await write_all(client, b"after")
+                client.shutdown(socket.SHUT_WR)
+                await trio.sleep(0.05)  # edges for "after" and the FIN reach the reactor
+                assert (way.read, way.written, way.end) == (6, 6, None)
+                server_inner.close()
+                assert await read_to_eof(server) == b"before"
+
+
+class BusyPump:
+    """Always has more to move, and takes ``turn_s`` of CPU per turn."""
+
+    mask = CLIENT_READABLE
+
+    def __init__(self, turn_s: float, turns: int) -> None:
+        self.turn_s = turn_s
+        self.left = turns
+        self.turns = 0
+
+    def turn(self) -> Turn:
+        end = time.perf_counter() + self.turn_s
+        while time.perf_counter() < end:
+            pass
+        self.turns += 1
+        self.left -= 1
+        return Turn.DONE if self.left <= 0 else Turn.MORE
+
+
+async def test_a_reactor_round_is_bounded_and_a_fresh_edge_goes_first() -> None:
+    # 40 pumps that always have more, each turn costing 1 ms, would hold the loop for 40 ms
+    # per round if a round ran them all; a pump woken by a fresh edge must not wait for them.
+    busy_count, turn_s = 40, 0.001
+    with pairs(busy_count + 1) as made:
+        readinesses = [Readiness() for _ in made]
+        busy = [BusyPump(turn_s, turns=100) for _ in range(busy_count)]
+        fresh = BusyPump(0, turns=1)
+        steps = LongestStep()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            async with reactor_running() as reactor, trio.open_nursery() as nursery:
+                with ExitStack() as watching:
+                    for (_, inner), readiness in zip(made, readinesses, strict=True):
+                        watching.enter_context(reactor.watch(inner, readiness, Side.CLIENT))
+                    for readiness, pump in zip(readinesses, busy, strict=False):
+                        nursery.start_soon(_pump_after_first_turn, readiness, pump)
+                    await trio.testing.wait_all_tasks_blocked()
+                    for outer, _ in made[:busy_count]:
+                        outer.send(b"x")  # each busy pump's first edge
+                    await trio.sleep(0.02)  # the busy pumps fill the reactor's queue
+                    assert sum(pump.turns for pump in busy) > busy_count
+                    with trio.fail_after(5):
+                        nursery.start_soon(_pump_after_first_turn, readinesses[-1], fresh)
+                        await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+                        before = sum(pump.turns for pump in busy)
+                        made[-1][0].send(b"x")
+                        while not fresh.turns:
+                            await trio.lowlevel.checkpoint()
+                    # Served within about one round, not after every busy pump's next turn.
+                    assert sum(pump.turns for pump in busy) - before < busy_count
+                    nursery.cancel_scope.cancel()
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+    assert steps.longest < ROUND_S + 3 * turn_s + 0.01
+
+
+async def _pump_after_first_turn(readiness: Readiness, pump: BusyPump) -> None:
+    """Hand ``pump`` to the reactor before its first edge (its first turn is the reactor's)."""
+    real_turn = pump.turn
+    first = True
+
+    def turn() -> Turn:
+        nonlocal first
+        if first:
+            first = False
+            return Turn.STUCK
+        return real_turn()
+
+    pump.turn = turn  # type: ignore[method-assign]
+    await readiness.pump(pump)
 
 
 def test_the_package_imports_where_there_is_no_epoll() -> None:

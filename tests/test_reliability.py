@@ -208,7 +208,7 @@ async def test_running_out_of_descriptors_backs_off_and_recovers(
             # The third waits in the kernel's backlog while accept() fails with EMFILE...
             third = await connect(lab.client, SERVER_V4, 9090)
             await send_all(third, b"wait")
-            cli_proxy.wait_for_log("accept failed: Too many open files")
+            cli_proxy.wait_for_log("accept failed: EMFILE (Too many open files)")
             # ...and is served as soon as descriptors come back.
             first.close()
             second.close()
@@ -234,7 +234,7 @@ async def test_no_descriptor_for_the_outgoing_socket_resets_that_client_only(
             with pytest.raises(ConnectionResetError):
                 await recv_until_eof(starved)
             starved.close()
-            cli_proxy.wait_for_log("failed: emfile; resetting client")
+            cli_proxy.wait_for_log("failed (no_resources): cannot open the outgoing socket: emfile")
             subprocess.run(
                 ["prlimit", f"--pid={cli_proxy.pid}", f"--nofile={roomy}:{roomy}"], check=True
             )
@@ -273,7 +273,8 @@ async def test_a_four_tuple_collision_resets_only_that_client(inside_proxy: Lab)
             sock.close()
         nursery.cancel_scope.cancel()
     assert failed.flow.client == (CLIENT_V4, 40123)
-    assert failed.reason in {"eaddrnotavail", "eaddrinuse"} or "eaddrinuse" in failed.reason
+    assert failed.reason == "address_in_use"
+    assert "eaddrnotavail" in failed.detail or "eaddrinuse" in failed.detail
 
 
 # --- faults --------------------------------------------------------------------------------

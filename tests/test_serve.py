@@ -120,7 +120,7 @@ async def test_connect_timeout_resets_a_client_whose_server_is_silent(
         client.close()
     assert 0.4 <= waited < 3
     assert cli_proxy.stop() == 0
-    assert "failed: timeout; resetting client" in cli_proxy.log
+    assert "failed (timeout): no answer in time; resetting client" in cli_proxy.log
 
 
 async def test_200_concurrent_flows_each_get_their_own_bytes_back(

@@ -5,8 +5,9 @@ how each direction finished and does what it says. The rules:
 
 * A clean EOF on one side is passed on as a FIN (``shutdown(SHUT_WR)``) and the other
   direction keeps flowing: TCP half-close.
-* Anything else (a reset on either side, a failed interceptor, a cancelled flow) resets both
-  sides, because a FIN would tell the peer that everything arrived, which is no longer true.
+* Anything else (a reset on either side, a failed interceptor, a flow the proxy stopped)
+  resets both sides, because a FIN would tell the peer that everything arrived, which is no
+  longer true. Once that is decided, not a byte moves and no FIN goes out.
 """
 
 from __future__ import annotations
@@ -44,21 +45,64 @@ class DirectionEnd:
         return self.direction.source
 
 
+class Stop(enum.Enum):
+    """Why the proxy itself ended a flow, rather than either side."""
+
+    IDLE_TIMEOUT = "idle_timeout"
+    """Nothing moved either way for the idle timeout."""
+    CANCELLED = "cancelled"
+    """The proxy is stopping (the grace period is over, or it was cancelled)."""
+    PROXY_ERROR = "proxy_error"
+    """A fault inside the proxy: this flow is reset, nothing else is touched."""
+
+
 class FlowEnding:
-    """Collects how the two directions of one flow ended and says what to do about it."""
+    """Collects how a flow ended and says what to do about it: FIN or RST, and the reason."""
+
+    __slots__ = ("ends", "stopped", "upstream")
+    # ``upstream``: why the flow never got to relay (``upstream_<why>``, ``refused_<why>``).
 
     def __init__(self) -> None:
         self.ends: list[DirectionEnd] = []
-        self.expired = False
+        self.stopped: Stop | None = None
+        self.upstream: str | None = None
 
-    def expire(self) -> None:
-        """The flow sat idle past its timeout: it ends with a reset (``idle_timeout``)."""
-        self.expired = True
+    def stop(self, why: Stop) -> bool:
+        """The proxy ends the flow (a reset, both ways); false if it was over already, so
+        that a flow that finished is never reported as stopped."""
+        if self.over:
+            return False
+        self.stopped = why
+        return True
+
+    def fail_upstream(self, reason: str) -> None:
+        """The original destination could not be reached: the client is reset."""
+        self.upstream = f"upstream_{reason}"
+
+    def refuse(self, reason: str) -> None:
+        """The proxy will not relay this flow (its destination is the proxy itself, say): the
+        client is reset."""
+        self.upstream = f"refused_{reason}"
 
     def record(self, end: DirectionEnd) -> bool:
         """Note one direction's end; true when the whole flow must now be reset."""
         self.ends.append(end)
         return end.kind is not EndKind.EOF
+
+    @property
+    def resetting(self) -> bool:
+        """Whether the flow is being reset: from then on not a byte moves and no FIN goes
+        out."""
+        return (
+            self.stopped is not None
+            or self.upstream is not None
+            or any(end.kind is not EndKind.EOF for end in self.ends)
+        )
+
+    @property
+    def over(self) -> bool:
+        """Both directions have ended, or the flow is being reset."""
+        return len(self.ends) == 2 or self.resetting
 
     @property
     def fin_needs_shutdown(self) -> bool:
@@ -74,7 +118,7 @@ class FlowEnding:
     def clean(self) -> bool:
         """Both directions saw EOF: close both sockets normally."""
         return (
-            not self.expired
+            self.stopped is None
             and len(self.ends) == 2
             and all(end.kind is EndKind.EOF for end in self.ends)
         )
@@ -90,16 +134,19 @@ class FlowEnding:
 
     @property
     def reason(self) -> str:
-        """Short and stable, for logs and metrics: ``closed``, ``client_reset``, ``server_reset``,
-        ``interceptor_failed``, ``idle_timeout`` or ``cancelled`` (the proxy ended the flow,
-        e.g. at shutdown)."""
+        """Short and from a closed set, for logs and metrics: ``closed``, ``client_reset``,
+        ``server_reset``, ``interceptor_failed``, ``upstream_<why>``, ``refused_<why>``,
+        ``idle_timeout``,
+        ``proxy_error`` or ``cancelled`` (the proxy ended the flow, e.g. at shutdown)."""
         if self.clean:
             return "closed"
-        if self.expired:
-            return "idle_timeout"
+        if self.upstream is not None:
+            return self.upstream
+        if self.stopped is not None:
+            return self.stopped.value
         failure = self.failure
         if failure is None:
-            return "cancelled"
+            return Stop.CANCELLED.value
         if failure.kind is EndKind.INTERCEPTOR_FAILED:
             return "interceptor_failed"
         return f"{failure.side}_reset"

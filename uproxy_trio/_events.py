@@ -40,6 +40,10 @@ class UpstreamFailed:
 
     flow: Flow
     reason: str
+    """From a closed set (``refused``, ``unreachable``, ``timeout``, ``reset``,
+    ``address_in_use``, ``no_resources``, ``error``), fit for a metrics label."""
+    detail: str = ""
+    """What exactly failed (the errno, the addresses), for the log."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,8 @@ class FlowClosed:
     bytes_client_to_server: int
     bytes_server_to_client: int
     duration_s: float
+    intercepted: bool = False
+    """Whether interceptors ran on the flow."""
 
 
 FlowEvent: TypeAlias = (
@@ -123,10 +129,11 @@ def log_event(event: FlowEvent) -> None:
         LOGGER.info("flow %d upstream connected in %.3fs", flow.id, event.connect_s, extra=extra)
     elif isinstance(event, UpstreamFailed):
         LOGGER.warning(
-            "flow %d upstream %s failed: %s; resetting client",
+            "flow %d upstream %s failed (%s): %s; resetting client",
             flow.id,
             format_address(flow.server),
             event.reason,
+            event.detail,
             extra=extra,
         )
     elif isinstance(event, FlowRefused):

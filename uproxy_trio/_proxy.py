@@ -1,15 +1,20 @@
-"""The data path, top to bottom: accept → connect out → two relay directions → close.
+"""The data path, top to bottom: accept → connect out → a nursery with two relay tasks → close.
 
-Each accepted connection gets one task. Its sockets are registered once with the proxy's
-``Reactor`` (an edge-triggered epoll), which tells the flow's ``Readiness`` when either can be
-read or written. A flow that no interceptor touches then relays both directions from that one
-task (``Relay``: recv/send for small reads, splice(2) for bulk); a flow with interceptors runs
-each direction's chain in a task of its own. When a direction ends, the flow's ``FlowEnding``
-decides whether the other goes on (half-close) or the whole flow is reset.
+Each accepted connection gets a task (``_run_flow``) that connects out from the client's own
+address and opens the flow's nursery; its cancel scope is how the flow is torn down, whatever
+the reason: the connect timeout (the scope's deadline), the idle timeout and the end of the
+grace period (the sweep and ``drain`` cancel it), a reset on either side (the relay task that
+saw it cancels it). In the nursery run two relay tasks, one per direction (``_relay``). A
+direction that no interceptor touches hands its pump to the reactor and sleeps until it is
+over; one with interceptors drives its chain from its task. Either way the task itself then
+does the end-of-direction work: it passes an EOF on as a FIN, or decides that the flow is
+reset (``FlowEnding``) and cancels the scope. Back in ``_run_flow``, both sockets close: with a
+FIN, or with a RST when the flow did not end cleanly.
 
-Sockets are plain non-blocking sockets: a read or write is tried at once and the task only
-waits when the kernel says it would block, so a request and its response cost the relay four
-system calls and no trip through the scheduler.
+Sockets are plain non-blocking sockets, registered once with the proxy's ``Reactor`` (an
+edge-triggered epoll): a read or write is tried at once and a task only waits when the kernel
+says it would block, so a request and its response cost the relay four system calls and no
+trip through the scheduler.
 """
 
 from __future__ import annotations
@@ -17,16 +22,17 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, ExitStack
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from contextlib import ExitStack
 
 import trio
 
 from ._address import Address, format_address, from_sockaddr
-from ._ending import DirectionEnd, EndKind, FlowEnding
+from ._direction import SharedBuffers, Way
+from ._ending import DirectionEnd, EndKind, FlowEnding, Stop
 from ._events import (
     EventSink,
     FlowClosed,
@@ -40,12 +46,12 @@ from ._events import (
     log_event,
 )
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor, build_chain, chain_for
-from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, TimedOut, bit
-from ._relay import FAIRNESS_ROUNDS, Relay, Way
+from ._interceptor import Interceptor, chain_for
+from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._splice import SPLICE_AVAILABLE, PipePool
 from ._transparent import (
     ConnectFailed,
+    ConnectFailure,
     connect_out,
     is_own_listener,
     open_outgoing,
@@ -57,15 +63,27 @@ from ._transparent import (
 # retry, since the flows in flight will give some back.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_S = 0.1
+# Errors accept(2) returns for one connection that went wrong before we took it: Linux passes
+# the new socket's pending network error on (accept(2), "Error handling"), a firewall can
+# refuse it (EPERM), a client can abort it. They concern that connection only: log and go on.
+ACCEPT_CONNECTION_ERRNOS = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPERM,
+        errno.EPROTO,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+    }
+)
 # Connections taken per wake-up of an accept loop before it yields to the flows.
 ACCEPT_BATCH = 64
-
-# Interceptors get chunks of up to INTERCEPT_READ_SIZE: large reads, fewer chunks, less
-# overhead each (512 KiB moved about 12% more than 256 KiB through an identity interceptor).
-# A read starts at INTERCEPT_FIRST_READ and grows while reads fill it, so a small message
-# does not pay for allocating half a megabyte.
-INTERCEPT_FIRST_READ = 65536
-INTERCEPT_READ_SIZE = 524288
 
 # A fresh client socket can take bytes, and has most likely sent its first ones already.
 _CLIENT_READY = bit(Side.CLIENT, READABLE) | bit(Side.CLIENT, WRITABLE)
@@ -76,26 +94,31 @@ LOGGER = logging.getLogger("uproxy_trio")
 
 
 class _LiveFlow:
-    """A flow in flight, as the metrics and the timeout sweep see it."""
+    """A flow in flight, as the metrics, the sweep and ``drain`` see it: its two directions
+    (for their byte counts), how it is ending, and the cancel scope that tears it down."""
 
-    __slots__ = ("ending", "readiness", "scope", "started", "ways")
+    __slots__ = ("ending", "scope", "ways")
 
-    def __init__(self, readiness: Readiness, started: float) -> None:
-        self.readiness = readiness
-        self.started = started
-        self.ending = FlowEnding()
+    def __init__(self, scope: trio.CancelScope, ending: FlowEnding) -> None:
+        self.scope = scope
+        self.ending = ending
         self.ways: tuple[Way, Way] | None = None  # None while connecting
-        self.scope: trio.CancelScope | None = None  # the interceptor tasks' scope, if any
 
-    def bytes_read(self) -> int:
-        return sum(way.counts.read for way in self.ways) if self.ways else 0
+    @property
+    def connecting(self) -> bool:
+        return self.ways is None
 
-    def stop(self) -> None:
-        """End the flow now, wherever it waits."""
-        if self.scope is not None:
-            self.scope.cancel()  # interceptors may catch exceptions: cancel their tasks
-        else:
-            self.readiness.time_out()
+    def progress(self) -> int:
+        """Bytes read, plus bytes the peers have acknowledged: what moves while a flow is
+        alive, even when a slow reader drains a full send buffer and nothing is read."""
+        if self.ways is None:
+            return 0
+        return sum(way.read + way.acknowledged() for way in self.ways)
+
+    def stop(self, why: Stop) -> None:
+        """End the flow now, with a reset, wherever its tasks wait (unless it is over)."""
+        if self.ending.stop(why):
+            self.scope.cancel()
 
 
 class Proxy:
@@ -113,18 +136,22 @@ class Proxy:
         idle_timeout: float | None = None,
         max_flows: int | None = None,
         reuse_port: bool = False,
+        source_port: str = "keep",
         on_event: EventSink = log_event,
     ) -> None:
         if max_flows is not None and max_flows < 1:
             raise ValueError("max_flows must be at least 1")
         if connect_timeout <= 0 or (idle_timeout is not None and idle_timeout <= 0):
             raise ValueError("connect_timeout and idle_timeout must be positive")
+        if source_port not in ("keep", "ephemeral"):
+            raise ValueError("source_port must be 'keep' or 'ephemeral'")
         # Each direction's chain is the same for every flow: worked out once, here.
         self._chains = {direction: chain_for(interceptors, direction) for direction in Direction}
         self._intercepted = any(self._chains.values())
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._reuse_port = reuse_port
+        self._keep_port = source_port == "keep"
         self._slots = trio.Semaphore(max_flows) if max_flows is not None else None
         self._emit = _safe_sink(on_event)
         self._flow_ids = itertools.count(1)
@@ -136,11 +163,9 @@ class Proxy:
         self._drained = trio.Event()
         self._started = False
         self._pipes = PipePool() if SPLICE_AVAILABLE else None
-        self._relay = Relay(self._pipes)
+        self._shared = SharedBuffers(self._pipes)
         self._closed_bytes = dict.fromkeys(Direction, 0)
         self._live: dict[int, _LiveFlow] = {}
-        # How often the sweep looks for flows out of time: a timeout fires up to a quarter late.
-        self._sweep_period = min(connect_timeout, idle_timeout or connect_timeout) / 4
 
     @property
     def active_flows(self) -> int:
@@ -154,7 +179,7 @@ class Proxy:
         totals = dict(self._closed_bytes)
         for live in self._live.values():
             for way in live.ways or ():
-                totals[way.direction] += way.counts.written
+                totals[way.direction] += way.written
         return totals
 
     @property
@@ -190,7 +215,8 @@ class Proxy:
                 # The services outlive every flow, since the flows wait on the reactor.
                 async with trio.open_nursery() as services:
                     services.start_soon(reactor.run)
-                    services.start_soon(self._sweep)
+                    if self._idle_timeout is not None:
+                        services.start_soon(self._sweep, self._idle_timeout)
                     async with trio.open_nursery() as flows:
                         self._flows_scope = flows.cancel_scope
                         with self._accepting:
@@ -220,9 +246,12 @@ class Proxy:
         with trio.move_on_after(grace):
             await self._drained.wait()
         remaining = self._active
-        if remaining and self._flows_scope is not None:
+        if remaining:
             LOGGER.warning("grace period over: resetting %d flows", remaining)
-            self._flows_scope.cancel()
+            for live in list(self._live.values()):
+                live.stop(Stop.CANCELLED)
+            if self._flows_scope is not None:
+                self._flows_scope.cancel()  # flows not yet connecting out, if any
         return remaining
 
     async def _accept_loop(
@@ -246,12 +275,13 @@ class Proxy:
                     break
                 except OSError as exc:
                     self._release_slot()
+                    if exc.errno in ACCEPT_CONNECTION_ERRNOS:
+                        LOGGER.warning("accept failed for one connection: %s", _errno_text(exc))
+                        continue
                     if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                         raise
                     LOGGER.error(
-                        "accept failed: %s; retrying in %ss",
-                        os.strerror(exc.errno),
-                        ACCEPT_RETRY_S,
+                        "accept failed: %s; retrying in %ss", _errno_text(exc), ACCEPT_RETRY_S
                     )
                     await trio.sleep(ACCEPT_RETRY_S)
                     break
@@ -271,190 +301,187 @@ class Proxy:
         client_address: tuple[object, ...],
         flow_id: int,
     ) -> None:
+        """One accepted connection, from accept to close."""
         try:
-            readiness = Readiness(_CLIENT_READY)
-            with client_sock, reactor.watch(client_sock, readiness, Side.CLIENT):
-                await self._relay_flow(reactor, readiness, client_sock, client_address, flow_id)
-        except Exception:
-            # A bug in one flow must not take the others down with the nursery.
-            LOGGER.exception("flow %d failed inside the proxy", flow_id)
+            with client_sock:
+                try:
+                    flow = Flow(
+                        flow_id,
+                        client=from_sockaddr(client_address),
+                        server=from_sockaddr(client_sock.getsockname()),
+                    )
+                except OSError:
+                    reset(client_sock)
+                    return  # the client reset before we looked: nothing to relay, nobody to tell
+                await self._relay_flow(reactor, flow, client_sock)
         finally:
             self._active -= 1
             self._release_slot()
             if self._draining and self._active == 0:
                 self._drained.set()
 
-    async def _relay_flow(
-        self,
-        reactor: Reactor,
-        readiness: Readiness,
-        client_sock: socket.socket,
-        client_address: tuple[object, ...],
-        flow_id: int,
-    ) -> None:
-        emit = self._emit
-        try:
-            flow = Flow(
-                flow_id,
-                client=from_sockaddr(client_address),
-                server=from_sockaddr(client_sock.getsockname()),
-            )
-        except OSError:
-            reset(client_sock)
-            return  # the client reset before we looked: nothing to relay, nobody to tell
-        started = trio.current_time()
+    async def _relay_flow(self, reactor: Reactor, flow: Flow, client_sock: socket.socket) -> None:
+        emit, started = self._emit, trio.current_time()
         emit(FlowOpened(flow))
-
-        if is_own_listener(flow.server, self._listening):
-            # Connecting out would reach our own listener, which would connect out again...
-            reset(client_sock)
-            emit(FlowRefused(flow, "self_loop"))
-            emit(FlowClosed(flow, "refused_self_loop", None, 0, 0, _since(started)))
-            return
-
-        live = self._live[flow.id] = _LiveFlow(readiness, started)
+        ending = FlowEnding()
+        server_sock: socket.socket | None = None
+        live: _LiveFlow | None = None
         try:
-            await self._connect_and_relay(reactor, flow, client_sock, live)
-        finally:
-            del self._live[flow.id]
-
-    async def _connect_and_relay(
-        self, reactor: Reactor, flow: Flow, client_sock: socket.socket, live: _LiveFlow
-    ) -> None:
-        emit, readiness, started = self._emit, live.readiness, live.started
-        try:
-            server_sock = open_outgoing(flow.client, client_sock.family)
-        except ConnectFailed as failure:
-            self._upstream_failed(flow, client_sock, failure, started)
-            return
-        with server_sock, reactor.watch(server_sock, readiness, Side.SERVER):
-            try:
-                await connect_out(server_sock, flow.server, readiness)
-            except ConnectFailed as failure:
-                self._upstream_failed(flow, client_sock, failure, started)
+            if is_own_listener(flow.server, self._listening):
+                # Connecting out would reach our own listener, which would connect out again...
+                ending.refuse("self_loop")
+                emit(FlowRefused(flow, "self_loop"))
                 return
-            except BaseException:
-                reset(client_sock)  # cancelled while connecting (the proxy is stopping): no FIN
-                emit(FlowClosed(flow, "cancelled", None, 0, 0, _since(started)))
-                raise
-            emit(UpstreamConnected(flow, _since(started)))
-
-            ending = live.ending
-            ways = live.ways = (
-                Way(Direction.CLIENT_TO_SERVER, client_sock, server_sock, self._relay.can_splice),
-                Way(Direction.SERVER_TO_CLIENT, server_sock, client_sock, self._relay.can_splice),
-            )
-            try:
-                if self._intercepted:
-                    await self._relay_intercepted(flow, live)
-                else:
-                    await self._relay.run(
-                        ways, readiness, lambda way: self._direction_ended(flow, way, ending)
-                    )
-            except TimedOut:
-                pass  # the sweep found the flow idle: ending says so, and the flow is reset
-            finally:
-                # Both directions are over (or the flow was stopped): the only question left
-                # is FIN or RST, and FlowEnding answers it.
-                if not ending.clean:
-                    reset(client_sock)
-                    reset(server_sock)
-                to_server, to_client = (way.counts.written for way in ways)
-                self._closed_bytes[Direction.CLIENT_TO_SERVER] += to_server
-                self._closed_bytes[Direction.SERVER_TO_CLIENT] += to_client
-                emit(
-                    FlowClosed(
-                        flow,
-                        ending.reason,
-                        ending.first_closed,
-                        to_server,
-                        to_client,
-                        _since(started),
-                    )
+            readiness = Readiness(_CLIENT_READY)
+            with reactor.watch(client_sock, readiness, Side.CLIENT):
+                server_sock = open_outgoing(
+                    flow.client, client_sock.family, keep_port=self._keep_port
                 )
+                with reactor.watch(server_sock, readiness, Side.SERVER):
+                    async with trio.open_nursery() as nursery:
+                        # The flow's one cancel scope: the connect timeout is its deadline.
+                        scope = nursery.cancel_scope
+                        scope.deadline = started + self._connect_timeout
+                        live = self._live[flow.id] = _LiveFlow(scope, ending)
+                        try:
+                            await connect_out(server_sock, flow.server, readiness)
+                        except ConnectFailed as failure:  # here, not wrapped by the nursery
+                            self._upstream_failed(flow, ending, failure)
+                            return
+                        scope.deadline = math.inf
+                        emit(UpstreamConnected(flow, _since(started)))
+                        live.ways = (
+                            Way(
+                                Direction.CLIENT_TO_SERVER,
+                                client_sock,
+                                server_sock,
+                                readiness,
+                                self._shared,
+                            ),
+                            Way(
+                                Direction.SERVER_TO_CLIENT,
+                                server_sock,
+                                client_sock,
+                                readiness,
+                                self._shared,
+                            ),
+                        )
+                        for way in live.ways:
+                            nursery.start_soon(
+                                relay_direction,
+                                flow,
+                                way,
+                                live,
+                                self._chains[way.direction],
+                                self._emit,
+                            )
+                    if live.connecting and not ending.resetting:
+                        timeout = ConnectFailed(ConnectFailure.TIMEOUT, "no answer in time")
+                        self._upstream_failed(flow, ending, timeout)
+        except ConnectFailed as failure:
+            self._upstream_failed(flow, ending, failure)
+        except Exception:
+            # A fault inside the proxy: this flow is reset, the others go on.
+            ending.stop(Stop.PROXY_ERROR)
+            LOGGER.exception("flow %d failed inside the proxy", flow.id)
+        finally:
+            # Both directions are over, or the flow was stopped: the only question left is FIN
+            # or RST, and FlowEnding answers it. (On a cancellation from outside the flow,
+            # ``ending`` has no clean end either, and the flow is reset.)
+            if live is not None:
+                del self._live[flow.id]
+            close_flow(ending, client_sock, server_sock)
+            self._flow_closed(flow, ending, live, started)
 
-    def _upstream_failed(
-        self, flow: Flow, client_sock: socket.socket, failure: ConnectFailed, started: float
-    ) -> None:
+    def _upstream_failed(self, flow: Flow, ending: FlowEnding, failure: ConnectFailed) -> None:
         # Without the proxy the client would have been refused (or given up): a reset is the
         # closest we can come now that its handshake with us has completed.
-        reset(client_sock)
-        self._emit(UpstreamFailed(flow, failure.reason))
-        self._emit(FlowClosed(flow, f"upstream_{failure.reason}", None, 0, 0, _since(started)))
+        ending.fail_upstream(failure.reason.value)
+        self._emit(UpstreamFailed(flow, failure.reason.value, failure.detail))
 
-    def _direction_ended(
-        self,
-        flow: Flow,
-        way: Way,
-        ending: FlowEnding,
-        error: BaseException | None = None,
-    ) -> bool:
-        """Pass a direction's EOF on as a FIN and tell the flow how the direction ended; true
-        when the whole flow must now be reset."""
-        kind = way.end
-        assert kind is not None
-        if kind is EndKind.EOF and ending.fin_needs_shutdown:
-            try:
-                way.sink.shutdown(socket.SHUT_WR)
-            except OSError:
-                kind = EndKind.SINK_RESET
-        if kind is EndKind.EOF:
-            self._emit(HalfClosed(flow, way.direction.source))
-        elif kind is EndKind.INTERCEPTOR_FAILED and error is not None:
-            self._emit(InterceptorFailed(flow, way.direction, error))
-        return ending.record(DirectionEnd(way.direction, kind, error))
+    def _flow_closed(
+        self, flow: Flow, ending: FlowEnding, live: _LiveFlow | None, started: float
+    ) -> None:
+        to_server = to_client = 0
+        if live is not None and live.ways is not None:
+            to_server, to_client = (way.written for way in live.ways)
+            self._closed_bytes[Direction.CLIENT_TO_SERVER] += to_server
+            self._closed_bytes[Direction.SERVER_TO_CLIENT] += to_client
+        self._emit(
+            FlowClosed(
+                flow,
+                ending.reason,
+                ending.first_closed,
+                to_server,
+                to_client,
+                _since(started),
+                self._intercepted,
+            )
+        )
 
-    async def _relay_intercepted(self, flow: Flow, live: _LiveFlow) -> None:
-        """Each direction in a task of its own: one runs its interceptor chain, and one that no
-        interceptor wants relays as a plain flow would."""
-        assert live.ways is not None
-        async with trio.open_nursery() as directions:
-            live.scope = directions.cancel_scope
-            for way in live.ways:
-                directions.start_soon(self._intercept_direction, flow, way, live)
+    async def _sweep(self, idle_timeout: float) -> None:
+        """Stop the flows that have made no progress for ``idle_timeout``.
 
-    async def _intercept_direction(self, flow: Flow, way: Way, live: _LiveFlow) -> None:
-        chain = self._chains[way.direction]
-        error = None
-        if chain:
-            way.end, error = await _copy_intercepted(flow, way, live.readiness, chain)
-        else:
-            await self._relay.run_direction(way, live.readiness)
-        if self._direction_ended(flow, way, live.ending, error) and live.scope is not None:
-            live.scope.cancel()
-
-    async def _sweep(self) -> None:
-        """Stop the flows that are out of time: still connecting after the connect timeout,
-        or (with an idle timeout) not having read a byte either way for that long.
-
-        One sweep per ``_sweep_period`` looks at every flow, rather than each flow paying for a
-        deadline of its own and every read noting the time: a flow is stopped between its
-        timeout and one period later (a quarter of the shorter timeout). An idle flow is
-        noticed by its byte counts not moving between sweeps.
+        Progress is bytes read or acknowledged by a peer (``_LiveFlow.progress``). One sweep
+        every quarter of the timeout looks at every flow, rather than each flow paying for a
+        deadline of its own and every read noting the time: an idle flow is stopped between
+        its timeout and a quarter later.
         """
-        connect_timeout, idle_timeout = self._connect_timeout, self._idle_timeout
+        period = idle_timeout / 4
         seen: dict[int, tuple[int, float]] = {}
         while True:
-            await trio.sleep(self._sweep_period)
+            await trio.sleep(period)
             now = trio.current_time()
             still: dict[int, tuple[int, float]] = {}
-            for flow_id, live in self._live.items():
-                if live.ways is None:
-                    if now - live.started >= connect_timeout:
-                        live.stop()  # connect_out turns this into ConnectFailed("timeout")
-                    continue
-                if idle_timeout is None:
-                    continue
-                read = live.bytes_read()
-                last_read, since = seen.get(flow_id, (-1, now))
-                if read != last_read:
-                    still[flow_id] = (read, now)
+            for flow_id, live in list(self._live.items()):
+                if live.connecting:
+                    continue  # connecting: the connect timeout is the scope's deadline
+                progress = live.progress()
+                last, since = seen.get(flow_id, (-1, now))
+                if progress != last:
+                    still[flow_id] = (progress, now)
                 elif now - since >= idle_timeout:
-                    live.ending.expire()
-                    live.stop()
+                    live.stop(Stop.IDLE_TIMEOUT)
                 else:
-                    still[flow_id] = (read, since)
+                    still[flow_id] = (progress, since)
             seen = still
+
+
+async def relay_direction(
+    flow: Flow, way: Way, live: _LiveFlow, chain: Sequence[Interceptor], emit: EventSink
+) -> None:
+    """One direction, from its first byte to its end: relayed by the reactor, or through its
+    interceptor chain; then its EOF passed on as a FIN, or the flow reset."""
+    error = None
+    if chain:
+        end, error = await way.relay_intercepted(flow, chain)
+    else:
+        end = await way.relay()
+    ending = live.ending
+    if ending.resetting:
+        return  # decided already, by the other direction: no FIN goes out now
+    if end is EndKind.EOF and ending.fin_needs_shutdown:
+        try:
+            way.sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            end = EndKind.SINK_RESET
+    if end is EndKind.EOF:
+        emit(HalfClosed(flow, way.direction.source))
+    elif error is not None:
+        emit(InterceptorFailed(flow, way.direction, error))
+    if ending.record(DirectionEnd(way.direction, end, error)):
+        live.scope.cancel()
+
+
+def close_flow(
+    ending: FlowEnding, client_sock: socket.socket, server_sock: socket.socket | None
+) -> None:
+    """Close a flow's sockets: with a FIN when both directions ended cleanly (the FIN not yet
+    passed on goes out with ``close``), else with a RST."""
+    close = socket.socket.close if ending.clean else reset
+    close(client_sock)
+    if server_sock is not None:
+        close(server_sock)
 
 
 async def serve(
@@ -481,85 +508,6 @@ async def serve(
     await proxy.serve(listen, task_status=task_status)
 
 
-@dataclass(slots=True)
-class _SourceReader:
-    """A direction's source as an async iterator of chunks, remembering whether it was reset.
-
-    The memory matters because an interceptor sits between this reader and the relay and may
-    swallow the exception; the relay must still reset the flow rather than pass on a FIN.
-    """
-
-    way: Way
-    readiness: Readiness
-    reset_error: OSError | None = field(default=None)
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        way, readiness = self.way, self.readiness
-        reads, size = 0, INTERCEPT_FIRST_READ
-        while True:
-            if not readiness.bits & way.readable:
-                await readiness.wait(way.readable)
-                reads = 0
-            try:
-                data = way.source.recv(size)
-            except BlockingIOError:
-                readiness.bits &= ~way.readable
-                continue
-            except OSError as exc:
-                self.reset_error = exc
-                raise
-            if not data:
-                return
-            way.counts.read += len(data)
-            if len(data) == size:
-                size = min(size * 4, INTERCEPT_READ_SIZE)
-            else:
-                size = INTERCEPT_FIRST_READ
-                if not readiness.bits & way.closed:
-                    readiness.bits &= ~way.readable  # emptied it (see Relay._copy)
-            reads += 1
-            if reads >= FAIRNESS_ROUNDS:
-                await trio.lowlevel.checkpoint()
-                reads = 0
-            yield data
-
-
-async def _copy_intercepted(
-    flow: Flow, way: Way, readiness: Readiness, chain: Sequence[Interceptor]
-) -> tuple[EndKind, BaseException | None]:
-    reader = _SourceReader(way, readiness)
-    try:
-        async with AsyncExitStack() as generators:
-            chunks = await build_chain(generators, flow, way.direction, chain, reader.chunks())
-            async for chunk in chunks:
-                if chunk and not await _send_all(way, readiness, chunk):
-                    return EndKind.SINK_RESET, None
-    except Exception as exc:  # noqa: BLE001 - whatever an interceptor raises resets its flow only
-        if reader.reset_error is not None:
-            return EndKind.SOURCE_RESET, None
-        return EndKind.INTERCEPTOR_FAILED, exc
-    if reader.reset_error is not None:
-        return EndKind.SOURCE_RESET, None
-    return EndKind.EOF, None
-
-
-async def _send_all(way: Way, readiness: Readiness, data: bytes) -> bool:
-    """Write all of ``data``, waiting while the sink is full; false if the sink is gone."""
-    view = memoryview(data)
-    while view:
-        try:
-            sent = way.sink.send(view)
-        except BlockingIOError:
-            readiness.bits &= ~way.writable
-            await readiness.wait(way.writable)
-            continue
-        except OSError:
-            return False
-        way.counts.written += sent
-        view = view[sent:]
-    return True
-
-
 def _try_acquire(slots: trio.Semaphore) -> bool:
     try:
         slots.acquire_nowait()
@@ -571,6 +519,11 @@ def _try_acquire(slots: trio.Semaphore) -> bool:
 def _close(sock: socket.socket) -> None:
     trio.lowlevel.notify_closing(sock)
     sock.close()
+
+
+def _errno_text(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "?")
+    return f"{name} ({os.strerror(exc.errno) if exc.errno else exc})"
 
 
 def _safe_sink(on_event: EventSink) -> EventSink:

@@ -7,6 +7,7 @@ address this host does not own: the client's. Both need CAP_NET_ADMIN (or CAP_NE
 
 from __future__ import annotations
 
+import enum
 import errno
 import ipaddress
 import os
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 import trio
 
 from ._address import Address, family_of, format_address
-from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, TimedOut, bit
+from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, bit
 
 # Linux values from <linux/in.h> and <linux/in6.h>; Python's socket module lacks the IPv6 one.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -30,6 +31,9 @@ COLLISION_RETRY_S = 0.005
 _SERVER_WRITABLE = bit(Side.SERVER, WRITABLE)
 _SERVER_CLOSED = bit(Side.SERVER, PEER_CLOSED)
 _SERVER_BITS = bit(Side.SERVER, READABLE) | _SERVER_WRITABLE | _SERVER_CLOSED
+
+# <linux/in.h>: bind() keeps the address and leaves the port to connect().
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 # A full accept queue under a burst of SYNs costs the clients a retransmit (one second); the
 # kernel caps this at net.core.somaxconn anyway.
@@ -69,9 +73,9 @@ def transparency_available() -> bool:
 
 
 def _transparent_socket(family: socket.AddressFamily) -> socket.socket:
-    # Plain non-blocking sockets, driven with trio.lowlevel.wait_readable/wait_writable: a
-    # relay does a system call only when one is needed, and holds no wrapper per socket.
-    # SOCK_NONBLOCK at creation spares the ioctl that setblocking(False) would cost per flow.
+    # Plain non-blocking sockets, their readiness learnt from the proxy's reactor: a relay does
+    # a system call only when one is needed, and holds no wrapper per socket. SOCK_NONBLOCK
+    # at creation spares the ioctl that setblocking(False) would cost per flow.
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         _make_transparent(sock, family)
@@ -110,27 +114,63 @@ def open_transparent_listener(address: Address, *, reuse_port: bool = False) -> 
     return sock
 
 
+class ConnectFailure(enum.Enum):
+    """Why the original destination could not be reached: a closed set, fit for a metrics
+    label. The details (errno, addresses) go to the log only."""
+
+    REFUSED = "refused"
+    UNREACHABLE = "unreachable"
+    TIMEOUT = "timeout"
+    RESET = "reset"
+    ADDRESS_IN_USE = "address_in_use"
+    """The client's address or 4-tuple is taken on this host (TIME_WAIT, a local socket)."""
+    NO_RESOURCES = "no_resources"
+    """No descriptor or memory for the outgoing socket."""
+    ERROR = "error"
+    """Anything else; the log says what."""
+
+
+_FAILURES = {
+    errno.ECONNREFUSED: ConnectFailure.REFUSED,
+    errno.EHOSTUNREACH: ConnectFailure.UNREACHABLE,
+    errno.ENETUNREACH: ConnectFailure.UNREACHABLE,
+    errno.EHOSTDOWN: ConnectFailure.UNREACHABLE,
+    errno.ENETDOWN: ConnectFailure.UNREACHABLE,
+    errno.ETIMEDOUT: ConnectFailure.TIMEOUT,
+    errno.ECONNRESET: ConnectFailure.RESET,
+    errno.EADDRINUSE: ConnectFailure.ADDRESS_IN_USE,
+    errno.EADDRNOTAVAIL: ConnectFailure.ADDRESS_IN_USE,
+    errno.EMFILE: ConnectFailure.NO_RESOURCES,
+    errno.ENFILE: ConnectFailure.NO_RESOURCES,
+    errno.ENOBUFS: ConnectFailure.NO_RESOURCES,
+    errno.ENOMEM: ConnectFailure.NO_RESOURCES,
+}
+
+
 class ConnectFailed(Exception):
-    """The original destination could not be reached; ``reason`` is short and loggable."""
+    """The original destination could not be reached: ``reason`` for metrics, ``detail`` for
+    the log."""
 
-    def __init__(self, reason: str, error: BaseException | None = None) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: ConnectFailure, detail: str) -> None:
+        super().__init__(detail)
         self.reason = reason
-        self.error = error
+        self.detail = detail
+
+    @classmethod
+    def from_error(cls, exc: OSError, doing: str) -> ConnectFailed:
+        name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        reason = _FAILURES.get(exc.errno or 0, ConnectFailure.ERROR)
+        return cls(reason, f"{doing}: {name.lower()} ({exc.strerror or exc})")
 
 
-def _connect_failure_reason(exc: OSError) -> str:
-    if exc.errno == errno.ECONNREFUSED:
-        return "refused"
-    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return "unreachable"
-    if exc.errno is not None and exc.errno in errno.errorcode:
-        return errno.errorcode[exc.errno].lower()
-    return type(exc).__name__
+def open_outgoing(
+    client: Address, family: socket.AddressFamily, *, keep_port: bool = True
+) -> socket.socket:
+    """A socket bound to the client's own address, ready for ``connect_out``.
 
-
-def open_outgoing(client: Address, family: socket.AddressFamily) -> socket.socket:
-    """A socket bound to the client's own ``client`` address, ready for ``connect_out``.
+    With ``keep_port`` (the seed's behaviour) it takes the client's port too; without, the
+    kernel picks a port when it connects, one whose 4-tuple is free (HAProxy's ``usesrc
+    clientip``), so a busy host never collides with its own TIME_WAIT sockets.
 
     Raises ``ConnectFailed`` for a local failure such as running out of descriptors or the
     client's address being taken here. The caller closes the socket.
@@ -140,15 +180,18 @@ def open_outgoing(client: Address, family: socket.AddressFamily) -> socket.socke
     except TransparencyUnavailable:
         raise
     except OSError as exc:
-        raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
+        raise ConnectFailed.from_error(exc, "cannot open the outgoing socket") from exc
     try:
-        sock.bind(client)
+        if keep_port:
+            sock.bind(client)
+        else:
+            # The port is chosen at connect(), against the full 4-tuple, not at bind().
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((client[0], 0))
     except OSError as exc:
         sock.close()
-        raise ConnectFailed(
-            f"cannot bind to client address {format_address(client)}: "
-            f"{_connect_failure_reason(exc)}",
-            exc,
+        raise ConnectFailed.from_error(
+            exc, f"cannot bind to client address {format_address(client)}"
         ) from exc
     return sock
 
@@ -156,18 +199,15 @@ def open_outgoing(client: Address, family: socket.AddressFamily) -> socket.socke
 async def connect_out(sock: socket.socket, server: Address, readiness: Readiness) -> None:
     """Connect ``sock`` (from ``open_outgoing``, watched as the flow's server side) to ``server``.
 
-    Raises ``ConnectFailed`` for what a client would otherwise have seen as an error
-    (refused, unreachable, no answer before the proxy times the flow out with
-    ``readiness.time_out()``), and when the 4-tuple is taken here.
+    Raises ``ConnectFailed`` for what a client would otherwise have seen as an error (refused,
+    unreachable), and when the 4-tuple is taken here. A server that never answers is the
+    caller's to time out, by cancelling this.
     """
     try:
         await _connect_once_free(sock, server, readiness)
     except OSError as exc:
-        raise ConnectFailed(_connect_failure_reason(exc), exc) from exc
-    try:
-        await readiness.wait(_SERVER_WRITABLE)
-    except TimedOut:
-        raise ConnectFailed("timeout") from None
+        raise ConnectFailed.from_error(exc, f"cannot connect to {format_address(server)}") from exc
+    await readiness.wait(_SERVER_WRITABLE)
     # A failed connect reports an error or a hang-up along with "writable": only then is
     # there an error worth a system call to fetch.
     error = (
@@ -176,8 +216,9 @@ async def connect_out(sock: socket.socket, server: Address, readiness: Readiness
         else 0
     )
     if error:
-        failure = OSError(error, os.strerror(error))
-        raise ConnectFailed(_connect_failure_reason(failure), failure) from None
+        raise ConnectFailed.from_error(
+            OSError(error, os.strerror(error)), f"cannot connect to {format_address(server)}"
+        )
     set_nodelay(sock)
 
 
@@ -197,16 +238,15 @@ async def _connect_once_free(sock: socket.socket, server: Address, readiness: Re
         try:
             sock.connect(server)
         except BlockingIOError:
-            readiness.bits &= ~_SERVER_BITS
+            readiness.clear(_SERVER_BITS)
             return
         except OSError as exc:
-            readiness.bits &= ~_SERVER_BITS
+            readiness.clear(_SERVER_BITS)
             if exc.errno != errno.EADDRNOTAVAIL or attempt == COLLISION_RETRIES:
                 raise
             await trio.sleep(COLLISION_RETRY_S)
         else:
-            readiness.bits = (readiness.bits & ~_SERVER_BITS) | _SERVER_WRITABLE
-            return
+            return  # connected at once (a local server): the edge saying so follows
 
 
 def is_own_listener(destination: Address, listeners: Sequence[Address]) -> bool:

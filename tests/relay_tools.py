@@ -1,0 +1,183 @@
+"""A flow's relay over loopback TCP, built from the proxy's own pieces: no root, no lab.
+
+The proxy's part that is not here is accepting and connecting out transparently; from the
+moment both sockets are connected, ``relayed`` runs exactly what the proxy runs: a reactor, a
+nursery whose cancel scope tears the flow down, one ``relay_direction`` task per direction,
+then ``close_flow``. Loopback TCP gives the real FIN, RST and splice paths.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from uproxy_trio import Direction, Flow, FlowEvent, Interceptor
+from uproxy_trio._direction import SharedBuffers, Way
+from uproxy_trio._ending import FlowEnding
+from uproxy_trio._proxy import _LiveFlow, close_flow, relay_direction
+from uproxy_trio._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
+from uproxy_trio._splice import SPLICE_AVAILABLE, PipePool
+
+FLOW = Flow(1, client=("127.0.0.1", 1), server=("127.0.0.1", 2))
+_CLIENT_READY = bit(Side.CLIENT, READABLE) | bit(Side.CLIENT, WRITABLE)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one loopback TCP connection, both non-blocking."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        outer = socket.create_connection(listener.getsockname())
+        inner, _ = listener.accept()
+    for sock in (outer, inner):
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return outer, inner
+
+
+@dataclass
+class LoopbackFlow:
+    """The test holds ``client`` and ``server``; the relay holds the two inner ends."""
+
+    client: socket.socket
+    client_inner: socket.socket
+    server_inner: socket.socket
+    server: socket.socket
+    readiness: Readiness = field(default_factory=lambda: Readiness(_CLIENT_READY))
+    ending: FlowEnding = field(default_factory=FlowEnding)
+    events: list[FlowEvent] = field(default_factory=list)
+    ways: tuple[Way, Way] | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def written(self) -> tuple[int, int]:
+        assert self.ways is not None
+        return (self.ways[0].written, self.ways[1].written)
+
+
+@contextmanager
+def loopback_flows(count: int) -> Iterator[list[LoopbackFlow]]:
+    with ExitStack() as stack:
+        flows = []
+        for _ in range(count):
+            client, client_inner = tcp_pair()
+            server_inner, server = tcp_pair()
+            for sock in (client, client_inner, server_inner, server):
+                stack.enter_context(sock)
+            flows.append(LoopbackFlow(client, client_inner, server_inner, server))
+        yield flows
+
+
+async def relay_one(
+    reactor: Reactor,
+    shared: SharedBuffers,
+    flow: LoopbackFlow,
+    chains: dict[Direction, Sequence[Interceptor]],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """What ``Proxy._relay_flow`` does once the flow is connected."""
+    readiness = flow.readiness
+    with (
+        reactor.watch(flow.client_inner, readiness, Side.CLIENT),
+        reactor.watch(flow.server_inner, readiness, Side.SERVER),
+    ):
+        try:
+            async with trio.open_nursery() as nursery:
+                live = _LiveFlow(nursery.cancel_scope, flow.ending)
+                flow.ways = live.ways = (
+                    Way(
+                        Direction.CLIENT_TO_SERVER,
+                        flow.client_inner,
+                        flow.server_inner,
+                        readiness,
+                        shared,
+                    ),
+                    Way(
+                        Direction.SERVER_TO_CLIENT,
+                        flow.server_inner,
+                        flow.client_inner,
+                        readiness,
+                        shared,
+                    ),
+                )
+                for way in live.ways:
+                    nursery.start_soon(
+                        relay_direction,
+                        FLOW,
+                        way,
+                        live,
+                        chains.get(way.direction, ()),
+                        flow.events.append,
+                    )
+                task_status.started()
+        finally:
+            close_flow(flow.ending, flow.client_inner, flow.server_inner)
+            flow.done.set()
+
+
+@asynccontextmanager
+async def relayed(
+    *flows: LoopbackFlow, chains: dict[Direction, Sequence[Interceptor]] | None = None
+) -> AsyncIterator[Reactor]:
+    """Relay each flow as the proxy would, with a running reactor, for the block's length."""
+    pipes = PipePool() if SPLICE_AVAILABLE else None
+    shared = SharedBuffers(pipes)
+    try:
+        with Reactor() as reactor:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reactor.run)
+                async with trio.open_nursery() as relays:
+                    for flow in flows:
+                        await relays.start(relay_one, reactor, shared, flow, chains or {})
+                    yield reactor
+                    relays.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+    finally:
+        if pipes is not None:
+            pipes.close()
+
+
+async def read_to_eof(sock: socket.socket) -> bytes:
+    received = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        if not chunk:
+            return bytes(received)
+        received += chunk
+
+
+async def write_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Bytes that reveal a lost, repeated or reordered slice."""
+    block = bytes((seed + i * 7) % 251 for i in range(251))
+    return (block * (size // 251 + 1))[:size]
+
+
+class LongestStep(trio.abc.Instrument):
+    """The longest single task step: how long the loop went without running anyone else."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._started = 0.0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._started = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._started:  # (the step that added this instrument had no start)
+            self.longest = max(self.longest, time.perf_counter() - self._started)

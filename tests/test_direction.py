@@ -1,0 +1,215 @@
+"""One direction of a flow: its decisions without sockets, then the real relay over loopback
+TCP, where FIN, RST and splice are the kernel's own."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from relay_tools import loopback_flows, pattern, read_to_eof, relayed, write_all
+
+from uproxy_trio import Direction, Flow, HalfClosed, InterceptorFailed
+from uproxy_trio._direction import (
+    READ_SIZE,
+    SPLICE_MIN_BURST,
+    TURN_BYTES,
+    DirectionState,
+    Step,
+)
+from uproxy_trio._ending import EndKind
+
+# -- the decisions ----------------------------------------------------------------------------
+
+
+def test_held_bytes_go_out_before_anything_more_is_read() -> None:
+    state = DirectionState(can_splice=True)
+    state.copied(100, READ_SIZE)
+    state.delivered(40)
+    assert state.held == 60
+    assert state.next_step(readable=1, writable=0, moved=0) is Step.WAIT_WRITABLE
+    assert state.next_step(readable=1, writable=1, moved=0) is Step.FLUSH
+    state.delivered(60)
+    assert state.next_step(readable=1, writable=1, moved=0) is Step.COPY
+    assert state.next_step(readable=0, writable=1, moved=0) is Step.WAIT_READABLE
+
+
+def test_a_full_read_switches_to_splice_and_a_small_burst_switches_back() -> None:
+    state = DirectionState(can_splice=True)
+    state.copied(READ_SIZE, READ_SIZE)
+    assert state.splicing
+    state.delivered(READ_SIZE)
+    assert state.next_step(1, 1, 0) is Step.SPLICE
+    state.spliced(SPLICE_MIN_BURST)
+    assert state.splicing
+    state.spliced(SPLICE_MIN_BURST - 1)
+    assert not state.splicing
+
+
+def test_a_direction_that_cannot_splice_keeps_copying() -> None:
+    state = DirectionState(can_splice=False)
+    state.copied(READ_SIZE, READ_SIZE)
+    assert not state.splicing
+    spliced = DirectionState(can_splice=True)
+    spliced.copied(READ_SIZE, READ_SIZE)
+    spliced.splice_refused()
+    assert (spliced.splicing, spliced.can_splice) == (False, False)
+
+
+def test_eof_ends_the_direction_and_a_turn_ends_after_its_bytes() -> None:
+    state = DirectionState(can_splice=True)
+    assert state.next_step(1, 1, TURN_BYTES) is Step.YIELD
+    state.copied(0, READ_SIZE)
+    assert (state.end, state.next_step(1, 1, 0)) == (EndKind.EOF, Step.END)
+
+
+def test_a_short_read_empties_the_socket_unless_the_peer_has_closed() -> None:
+    assert DirectionState.emptied(10, READ_SIZE, peer_closed=0)
+    assert not DirectionState.emptied(10, READ_SIZE, peer_closed=4)
+    assert not DirectionState.emptied(READ_SIZE, READ_SIZE, peer_closed=0)
+
+
+def test_counts_follow_reads_and_deliveries() -> None:
+    state = DirectionState(can_splice=True)
+    state.copied(10, READ_SIZE)
+    state.delivered(10)
+    state.spliced(SPLICE_MIN_BURST)
+    state.delivered(SPLICE_MIN_BURST)
+    assert (state.read, state.written, state.held) == (10 + SPLICE_MIN_BURST,) * 2 + (0,)
+
+
+# -- the relay over loopback TCP --------------------------------------------------------------
+
+
+async def test_bytes_and_a_fin_reported_by_one_edge_are_both_relayed() -> None:
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow):
+            with trio.fail_after(5):
+                await write_all(flow.client, b"last words")
+                flow.client.shutdown(socket.SHUT_WR)
+                assert await read_to_eof(flow.server) == b"last words"
+                await write_all(flow.server, b"reply")
+                flow.server.shutdown(socket.SHUT_WR)
+                assert await read_to_eof(flow.client) == b"reply"
+                await flow.done.wait()
+    assert flow.ending.reason == "closed"
+    assert [type(event) for event in flow.events] == [HalfClosed, HalfClosed]
+
+
+@pytest.mark.parametrize("size", [1, READ_SIZE, 3 << 20])
+async def test_both_directions_at_once_are_byte_exact(size: int) -> None:
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow):
+            with trio.fail_after(20):
+                got: dict[str, bytes] = {}
+
+                async def send_then_close(sock: socket.socket, data: bytes) -> None:
+                    await write_all(sock, data)
+                    sock.shutdown(socket.SHUT_WR)
+
+                async def read(name: str, sock: socket.socket) -> None:
+                    got[name] = await read_to_eof(sock)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_then_close, flow.client, pattern(size, 1))
+                    nursery.start_soon(send_then_close, flow.server, pattern(size, 2))
+                    nursery.start_soon(read, "server", flow.server)
+                    nursery.start_soon(read, "client", flow.client)
+                await flow.done.wait()
+    assert got == {"server": pattern(size, 1), "client": pattern(size, 2)}
+    assert flow.written == (size, size)
+
+
+def abort(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("resetting", ["client", "server"])
+async def test_a_reset_reaches_the_other_side_as_a_reset(resetting: str) -> None:
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow):
+            with trio.fail_after(5):
+                await write_all(flow.client, b"x")
+                assert await _recv(flow.server) == b"x"
+                aborting, survivor = (
+                    (flow.client, flow.server)
+                    if resetting == "client"
+                    else (flow.server, flow.client)
+                )
+                abort(aborting)
+                with pytest.raises(ConnectionResetError):
+                    await read_to_eof(survivor)
+                await flow.done.wait()
+    assert flow.ending.reason == f"{resetting}_reset"
+
+
+async def test_after_the_decision_to_reset_no_fin_goes_out() -> None:
+    # The client half-closes (its FIN is passed on), then the server resets while the client
+    # still has bytes on the way: the client must see a RST, never a second clean FIN.
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow):
+            with trio.fail_after(5):
+                flow.client.shutdown(socket.SHUT_WR)
+                assert await read_to_eof(flow.server) == b""
+                abort(flow.server)
+                with pytest.raises(ConnectionResetError):
+                    await read_to_eof(flow.client)
+                await flow.done.wait()
+    assert flow.ending.reason == "server_reset"
+
+
+async def test_a_slow_reader_gets_every_byte_the_relay_held_for_it() -> None:
+    # The sink's buffers are small and its reader slow, so the relay holds bytes (a backlog
+    # or a pipe) and waits for the sink over and over.
+    size = 4 << 20
+    with loopback_flows(1) as (flow,):
+        flow.server_inner.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        flow.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        async with relayed(flow):
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+
+                    async def send() -> None:
+                        await write_all(flow.client, pattern(size))
+                        flow.client.shutdown(socket.SHUT_WR)
+
+                    nursery.start_soon(send)
+                    received = bytearray()
+                    while len(received) < size:
+                        await trio.sleep(0.001)  # a reader slower than the writer
+                        try:
+                            received += flow.server.recv(65536)
+                        except BlockingIOError:
+                            pass
+                assert bytes(received) == pattern(size)
+
+
+async def test_an_interceptor_that_fails_resets_its_flow_and_says_why() -> None:
+    async def explode(
+        flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            if chunk:
+                raise ValueError("no")
+            yield chunk
+
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow, chains={Direction.CLIENT_TO_SERVER: (explode,)}):
+            with trio.fail_after(5):
+                await write_all(flow.client, b"x")
+                with pytest.raises(ConnectionResetError):
+                    await read_to_eof(flow.server)
+                await flow.done.wait()
+    assert flow.ending.reason == "interceptor_failed"
+    assert [type(event) for event in flow.events] == [InterceptorFailed]
+
+
+async def _recv(sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(65536)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)

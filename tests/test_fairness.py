@@ -1,0 +1,92 @@
+"""One proxy, many bulk flows: a new flow is still served quickly and the event loop never
+stalls, because the reactor bounds each round and carries the rest over."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+from lab_tools import (
+    CliProxy,
+    EventLog,
+    connect,
+    echo_server,
+    listen,
+    raise_own_fd_limit,
+    recv_exactly,
+    run_library_proxy,
+    send_all,
+)
+from relay_tools import LongestStep
+
+from uproxy_netns import SERVER_V4, SERVER_V6, Lab
+
+BULK_LOAD = Path(__file__).with_name("bulk_load.py")
+
+
+@asynccontextmanager
+async def bulk_flows(lab: Lab, flows: int, seconds: float) -> AsyncIterator[None]:
+    """``flows`` bulk flows over IPv4 through the proxy, running once the block starts."""
+    argv = [
+        sys.executable,
+        str(BULK_LOAD),
+        *("--client", lab.client.name, "--server", lab.server.name),
+        *("--host", SERVER_V4, "--flows", str(flows), "--seconds", str(seconds)),
+    ]
+    async with trio.open_nursery() as nursery:
+        run = functools.partial(trio.run_process, argv, stdout=subprocess.PIPE, check=False)
+        process = await nursery.start(run)
+        assert process.stdout is not None
+        with trio.fail_after(60):
+            said = await process.stdout.receive_some()
+        assert said.startswith(b"ready"), said
+        try:
+            yield
+        finally:
+            process.kill()
+
+
+async def test_a_new_flow_is_served_quickly_beside_200_bulk_flows(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    cli_proxy.start("--log-level", "warning")
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V6, 9090)
+        await nursery.start(echo_server, listener)
+        async with bulk_flows(lab, flows=200, seconds=30):
+            times = []
+            for _ in range(40):
+                started = trio.current_time()
+                with trio.fail_after(10):
+                    probe = await connect(lab.client, SERVER_V6, 9090)
+                    await send_all(probe, b"x")
+                    assert await recv_exactly(probe, 1) == b"x"
+                times.append(trio.current_time() - started)
+                probe.close()
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    times.sort()
+    p90 = times[int(len(times) * 0.9)]
+    print(f"connect to first echoed byte beside 200 bulk flows: p90 {p90 * 1000:.1f} ms")
+    assert p90 < 0.1
+
+
+async def test_the_event_loop_never_stalls_beside_1000_bulk_flows(inside_proxy: Lab) -> None:
+    raise_own_fd_limit()
+    steps = LongestStep()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_library_proxy, EventLog(), {})
+        async with bulk_flows(inside_proxy, flows=1000, seconds=30):
+            trio.lowlevel.add_instrument(steps)
+            try:
+                await trio.sleep(2)
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+        nursery.cancel_scope.cancel()
+    print(f"longest task step beside 1000 bulk flows: {steps.longest * 1000:.1f} ms")
+    assert steps.longest < 0.02

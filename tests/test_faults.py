@@ -1,0 +1,146 @@
+"""Faults inside the proxy or on one connection: each ends that flow only, with a reset and
+one ``FlowClosed``, and the server goes on serving."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from lab_tools import (
+    EventLog,
+    connect,
+    connect_expecting_reset,
+    echo_server,
+    listen,
+    recv_exactly,
+    run_library_proxy,
+    send_all,
+)
+
+import uproxy_trio._proxy
+from uproxy_netns import SERVER_V4, Lab
+from uproxy_trio import FlowClosed, TransparencyUnavailable
+from uproxy_trio._direction import Way
+from uproxy_trio._transparent import open_outgoing
+
+PROXY_PORT = 9091
+
+
+async def roundtrip(sock: trio.socket.SocketType, data: bytes = b"ping") -> None:
+    await send_all(sock, data)
+    assert await recv_exactly(sock, len(data)) == data
+
+
+@pytest.fixture
+async def echo(inside_proxy: Lab) -> AsyncIterator[None]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(echo_server, await listen(inside_proxy.server, SERVER_V4, 9090))
+        yield
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "code", [errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH]
+)
+async def test_an_accept_error_for_one_connection_is_logged_and_serving_goes_on(
+    inside_proxy: Lab,
+    echo: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    code: int,
+) -> None:
+    lab = inside_proxy
+    real_accept = socket.socket.accept
+    failures = [OSError(code, "injected")]
+
+    def accept(self: socket.socket) -> tuple[socket.socket, object]:
+        if failures and self.getsockname()[1] == PROXY_PORT:
+            raise failures.pop()
+        return real_accept(self)
+
+    events = EventLog()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_library_proxy, events, {})
+        with trio.fail_after(10):
+            before = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(before)
+            monkeypatch.setattr(socket.socket, "accept", accept)
+            after = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(after)  # the connection behind the error is served
+            await roundtrip(before)  # and the flow in flight never noticed
+            assert not failures
+        nursery.cancel_scope.cancel()
+    name = errno.errorcode[code]
+    assert f"accept failed for one connection: {name}" in caplog.text
+
+
+async def test_a_fault_before_connecting_out_resets_that_client_with_one_flow_closed(
+    inside_proxy: Lab, echo: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = inside_proxy
+    calls = 0
+
+    def faulty_open_outgoing(*args: object, **kwargs: bool) -> socket.socket:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise TransparencyUnavailable(errno.EPERM, "capability dropped behind our back")
+        return open_outgoing(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(uproxy_trio._proxy, "open_outgoing", faulty_open_outgoing)
+    events = EventLog()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_library_proxy, events, {})
+        with trio.fail_after(10):
+            healthy = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(healthy)
+            await connect_expecting_reset(lab.client, SERVER_V4, 9090)
+            (closed,) = await events.wait_for(FlowClosed)
+            await roundtrip(healthy)
+        nursery.cancel_scope.cancel()
+    assert (closed.flow.id, closed.reason) == (2, "proxy_error")
+
+
+async def test_a_bug_in_a_relay_resets_both_sides_of_that_flow_only(
+    inside_proxy: Lab, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    lab = inside_proxy
+    real_copy = Way._copy
+
+    def copy(self: Way) -> int:
+        if self.source.getpeername()[1] == doomed_port:
+            raise RuntimeError("a bug in the relay")
+        return real_copy(self)
+
+    monkeypatch.setattr(Way, "_copy", copy)
+    events = EventLog()
+    listener = await listen(lab.server, SERVER_V4, 9090)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_library_proxy, events, {})
+        with trio.fail_after(10), listener:
+            doomed = await connect(lab.client, SERVER_V4, 9090)
+            doomed_port = doomed.getsockname()[1]
+            doomed_server, _ = await listener.accept()
+            healthy = await connect(lab.client, SERVER_V4, 9090)
+            healthy_server, _ = await listener.accept()
+            await send_all(doomed, b"boom")
+            for sock in (doomed, doomed_server):
+                with pytest.raises(ConnectionResetError):
+                    await sock.recv(10)
+            await send_all(healthy, b"fine")
+            assert await recv_exactly(healthy_server, 4) == b"fine"
+            healthy.shutdown(socket.SHUT_WR)
+            healthy_server.shutdown(socket.SHUT_WR)
+            assert await healthy.recv(1) == b""
+            await events.wait_for(FlowClosed, count=2)
+        nursery.cancel_scope.cancel()
+    reasons = {event.flow.id: event.reason for event in events.of_type(FlowClosed)}
+    assert reasons == {1: "proxy_error", 2: "closed"}
+    assert any(
+        record.levelno == logging.ERROR and "flow 1 failed inside the proxy" in record.message
+        for record in caplog.records
+    )
