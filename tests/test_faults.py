@@ -144,3 +144,31 @@ async def test_a_bug_in_a_relay_resets_both_sides_of_that_flow_only(
         record.levelno == logging.ERROR and "flow 1 failed inside the proxy" in record.message
         for record in caplog.records
     )
+
+
+async def test_a_flow_stopped_for_idleness_is_reset_and_relays_nothing_more(
+    inside_proxy: Lab,
+) -> None:
+    # The client has half-closed (its FIN passed on); then the flow sits idle and is stopped.
+    # From then on nothing is relayed: both ends see a reset, never the server's FIN, and
+    # the flow is reported once, as idle_timeout.
+    lab = inside_proxy
+    events = EventLog()
+    listener = await listen(lab.server, SERVER_V4, 9090)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_library_proxy, events, {"idle_timeout": 0.3})
+        with trio.fail_after(10), listener:
+            client = await connect(lab.client, SERVER_V4, 9090)
+            server, _ = await listener.accept()
+            client.shutdown(socket.SHUT_WR)
+            assert await server.recv(1) == b""
+            (closed,) = await events.wait_for(FlowClosed)
+            with pytest.raises(ConnectionResetError):
+                await client.recv(100)
+            # A RST in CLOSE_WAIT (the server had the client's FIN) reads as EPIPE; after a FIN
+            # the send would go through.
+            with pytest.raises(BrokenPipeError):
+                await server.send(b"too late")
+        nursery.cancel_scope.cancel()
+    assert (closed.reason, closed.first_closed) == ("idle_timeout", "client")
+    assert len(events.of_type(FlowClosed)) == 1
