@@ -128,11 +128,13 @@ class Readiness:
     reading the same socket would each see half the bytes.
     """
 
-    __slots__ = ("_bits", "_parked", "queued")
+    __slots__ = ("_bits", "_parked", "_pumped", "_waiting", "queued")
 
     def __init__(self, bits: int = 0) -> None:
         self._bits = bits
         self._parked: list[_Parked] = []
+        self._waiting = 0  # tasks parked on bits
+        self._pumped = 0  # tasks parked while the reactor runs their pumps
         self.queued = False
         """Set while the reactor has this flow's pumps in its queue (so it holds it once)."""
 
@@ -170,13 +172,11 @@ class Readiness:
         """Set ``bits`` (the reactor's job) and wake the tasks waiting for them; true if a
         pump should now run and the flow is not queued for that yet."""
         self._bits |= bits
-        pumped = False
-        for parked in tuple(self._parked):
-            if parked.pump is not None:
-                pumped = True
-            elif parked.mask & bits:
-                self._unpark(parked, outcome.Value(None))
-        if pumped and not self.queued:
+        if self._waiting:
+            for parked in [parked for parked in self._parked if parked.mask & bits]:
+                if parked.pump is None:
+                    self._unpark(parked, outcome.Value(None))
+        if self._pumped and not self.queued:
             self.queued = True
             return True
         return False
@@ -184,10 +184,9 @@ class Readiness:
     def run_pumps(self) -> bool:
         """Give each pump parked here one turn; true if any has more to move now."""
         more = False
-        for parked in tuple(self._parked):
+        for parked in [parked for parked in self._parked if parked.pump is not None]:
             pump = parked.pump
-            if pump is None:
-                continue
+            assert pump is not None
             try:
                 turn = pump.turn()
             except Exception as exc:  # noqa: BLE001 - a bug in a pump ends its own flow only
@@ -205,16 +204,26 @@ class Readiness:
                 raise trio.BusyResourceError("another task is already waiting on these sockets")
         parked = _Parked(mask, trio.lowlevel.current_task(), pump)
         self._parked.append(parked)
+        self._count(parked, 1)
 
         def abort(_: RaiseCancelT) -> Abort:
             self._parked.remove(parked)
+            self._count(parked, -1)
             return Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _unpark(self, parked: _Parked, result: outcome.Outcome[None]) -> None:
         self._parked.remove(parked)
+        self._count(parked, -1)
         trio.lowlevel.reschedule(parked.task, result)
+
+    def _count(self, parked: _Parked, change: int) -> None:
+        # Counted apart so that an edge costs no walk over the parked when nobody waits.
+        if parked.pump is None:
+            self._waiting += change
+        else:
+            self._pumped += change
 
 
 class Reactor:
