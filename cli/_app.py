@@ -97,9 +97,8 @@ def serve(
             "-l",
             metavar="HOST:PORT",
             envvar="UPROXY_LISTEN",
-            help="Address the TPROXY rule delivers to; repeat for more (IPv6 as [::1]:9091). "
-            "[default: 127.0.0.1:9091]",
-            show_default=False,
+            help="Address the TPROXY rule delivers to; repeat for more (IPv6 as [::1]:9091).",
+            show_default="127.0.0.1:9091",
         ),
     ] = None,
     connect_timeout: Annotated[
@@ -159,7 +158,8 @@ def serve(
             min=0.001,
             metavar="SECONDS",
             envvar="UPROXY_IDLE_TIMEOUT",
-            help="Reset a flow that moved no byte either way for this long. [default: off]",
+            help="Reset a flow that moved no byte either way for this long.",
+            show_default="off",
         ),
     ] = None,
     user: Annotated[
@@ -177,7 +177,8 @@ def serve(
             "--group",
             metavar="NAME",
             envvar="UPROXY_GROUP",
-            help="With --user: the group to run as. [default: the user's own]",
+            help="With --user: the group to run as.",
+            show_default="the user's own",
         ),
     ] = None,
     workers: Annotated[

@@ -49,8 +49,8 @@ def bench(
             "--relay",
             metavar="RELAY",
             help="Measure only this relay (kernel, haproxy, uproxy, uproxy-identity); repeat "
-            "for more. [default: all four, in that order]",
-            show_default=False,
+            "for more.",
+            show_default="all four, in that order",
         ),
     ] = None,
     uproxy_syn_to_tproxy: Annotated[

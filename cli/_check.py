@@ -19,7 +19,16 @@ import typer
 from uproxy_netns import TproxySetup, has_local_route, has_policy_rule
 from uproxy_trio import format_address, transparency_available
 
-from ._rules import DEFAULT_LISTEN, InInterface, Listen, Mark, OutInterface, Table, build_setup
+from ._rules import (
+    DEFAULT_LISTEN,
+    InInterface,
+    Listen,
+    Mark,
+    OutInterface,
+    Table,
+    check_interface,
+    routing_setup,
+)
 
 # `nft --check` sends this to the kernel, which validates every expression (loading the
 # modules it needs) and then throws the transaction away: nothing is ever installed.
@@ -173,14 +182,14 @@ def check_rp_filter(interfaces: Sequence[str]) -> Check:
     )
 
 
-def run_checks(setup: TproxySetup, listen: Sequence[str]) -> list[Check]:
+def run_checks(setup: TproxySetup, listen: Sequence[str], interfaces: Sequence[str]) -> list[Check]:
     checks = [check_kernel(), check_transparent()]
     for version in setup.versions:
         checks += check_policy_routing(setup, version)
     checks += check_rules(setup, listen)
     checks += [check_forwarding(version) for version in setup.versions]
     if 4 in setup.versions:
-        checks.append(check_rp_filter([setup.in_interface, setup.out_interface]))
+        checks.append(check_rp_filter(interfaces))
     return checks
 
 
@@ -188,8 +197,8 @@ def check(
     listen: Listen = None,
     mark: Mark = 1,
     table: Table = 100,
-    in_interface: InInterface = "ens6",
-    out_interface: OutInterface = "ens7",
+    in_interface: InInterface = None,
+    out_interface: OutInterface = None,
 ) -> None:
     """Check that this host is ready for `uproxy serve` behind TPROXY rules.
 
@@ -205,15 +214,13 @@ def check(
       ip netns exec upxlab-1a2b-proxy uproxy check
     """
     values = listen or [DEFAULT_LISTEN]
-    setup = build_setup(
-        in_interface=in_interface,
-        out_interface=out_interface,
-        ports=["9090"],
-        listen=values,
-        mark=mark,
-        table=table,
-    )
-    checks = run_checks(setup, values)
+    setup = routing_setup(listen=values, mark=mark, table=table)
+    interfaces = [
+        check_interface(name, hint)
+        for name, hint in ((in_interface, "'--in-interface'"), (out_interface, "'--out-interface'"))
+        if name is not None
+    ]
+    checks = run_checks(setup, values, interfaces)
     for item in checks:
         typer.echo(f"{'ok  ' if item.ok else 'MISS'}  {item.what}")
         if not item.ok:

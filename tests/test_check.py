@@ -47,7 +47,8 @@ def test_a_plain_router_misses_the_set_up_until_uproxy_rules_applies_it(plain_la
     assert "ok    forwarding is on (net.ipv4.ip_forward)" in lines
     assert lines[-1] == "6 of 11 checks missed"
 
-    assert uproxy_in(proxy, "rules", *LISTEN_BOTH, "--apply").returncode == 0
+    rules = ["rules", "--in-interface", "ens6", "--out-interface", "ens7", "--port", "9090"]
+    assert uproxy_in(proxy, *rules, *LISTEN_BOTH, "--apply").returncode == 0
     done = uproxy_in(proxy, "check", *LISTEN_BOTH)
     assert done.returncode == 0, done.stdout
 
