@@ -137,7 +137,9 @@ def check_rules(setup: TproxySetup, listen: Sequence[str]) -> list[Check]:
             Check(
                 f"a TPROXY rule delivers to {format_address((host, port))}",
                 (host, port) in targets,
-                "uproxy rules " + " ".join(f"--listen {value}" for value in listen) + " --apply",
+                "uproxy rules --in-interface IFACE --out-interface IFACE --port PORT "
+                + " ".join(f"--listen {value}" for value in listen)
+                + " --apply",
             )
         )
     return checks

@@ -40,7 +40,11 @@ def test_a_plain_router_misses_the_set_up_until_uproxy_rules_applies_it(plain_la
     for miss, fix in [
         ("ip rule fwmark 1 lookup 100 (IPv4)", "ip rule add fwmark 1 lookup 100"),
         ("ip -6 route local ::/0 dev lo table 100 (IPv6)", "ip -6 route add local ::/0 dev lo"),
-        ("a TPROXY rule delivers to 127.0.0.1:9091", "uproxy rules --listen 127.0.0.1:9091"),
+        (
+            "a TPROXY rule delivers to 127.0.0.1:9091",
+            "uproxy rules --in-interface IFACE --out-interface IFACE --port PORT "
+            "--listen 127.0.0.1:9091 --listen [::1]:9091 --apply",
+        ),
     ]:
         assert f"MISS  {miss}" in lines, done.stdout
         assert any(line.startswith(f"      fix: {fix}") for line in lines), done.stdout
