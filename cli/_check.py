@@ -7,24 +7,23 @@ every miss comes with the one command that fixes it.
 
 from __future__ import annotations
 
-import ipaddress
-import re
+import json
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from uproxy_netns import TproxySetup, has_local_route, has_policy_rule
-from uproxy_trio import format_address, transparency_available
+from uproxy_trio import Address, format_address, transparency_available
 
+from ._installed import installed_tproxy, run_tool
 from ._rules import (
     DEFAULT_LISTEN,
-    InInterface,
     Listen,
     Mark,
-    OutInterface,
     Table,
     check_interface,
     routing_setup,
@@ -104,32 +103,7 @@ def check_policy_routing(setup: TproxySetup, version: int) -> list[Check]:
     ]
 
 
-def _tproxy_targets() -> set[tuple[str, int]]:
-    """Every (on-ip, on-port) a TPROXY rule delivers to, in nft and in iptables."""
-    targets: set[tuple[str, int]] = set()
-    nft = _run(["nft", "list", "ruleset"]).stdout
-    for pattern in (r"tproxy ip to ([0-9.]+):(\d+)", r"tproxy ip6 to \[([0-9a-fA-F:.]+)\]:(\d+)"):
-        for host, port in re.findall(pattern, nft):
-            targets.add((_normal(host), int(port)))
-    for tool in ("iptables-save", "ip6tables-save"):
-        for line in _run([tool, "-t", "mangle"]).stdout.splitlines():
-            if "-j TPROXY" in line:
-                ip_match = re.search(r"--on-ip (\S+)", line)
-                port_match = re.search(r"--on-port (\d+)", line)
-                if ip_match and port_match:
-                    targets.add((_normal(ip_match.group(1)), int(port_match.group(1))))
-    return targets
-
-
-def _normal(host: str) -> str:
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host
-
-
-def check_rules(setup: TproxySetup, listen: Sequence[str]) -> list[Check]:
-    targets = _tproxy_targets()
+def check_rules(setup: TproxySetup, listen: Sequence[str], targets: set[Address]) -> list[Check]:
     checks = []
     for version in setup.versions:
         host, port = setup.listener(version)
@@ -142,6 +116,49 @@ def check_rules(setup: TproxySetup, listen: Sequence[str]) -> list[Check]:
                 + " --apply",
             )
         )
+    return checks
+
+
+def check_interfaces(names: Iterable[str], named_by_rules: set[str]) -> list[Check]:
+    """Each interface must exist and be up with a carrier: TPROXY rules that name an
+    interface this host lacks (or one that is down) intercept nothing, silently."""
+    links = {
+        str(link.get("ifname")): link.get("flags", [])
+        for link in json.loads(run_tool(["ip", "-j", "link", "show"]) or "[]")
+    }
+    checks = []
+    for name in sorted(names):
+        # nft writes a wildcard as eth*, iptables as eth+.
+        if name.endswith(("*", "+")):
+            matching = [link for link in links if link.startswith(name[:-1])]
+        else:
+            matching = [name] if name in links else []
+        why = ", named by the TPROXY rules," if name in named_by_rules else ""
+        what = f"interface {name}{why} is up"
+        up = [link for link in matching if {"UP", "LOWER_UP"} <= set(links[link])]
+        if up:
+            checks.append(Check(what, True))
+        elif not matching:
+            checks.append(
+                Check(
+                    what,
+                    False,
+                    "apply rules that name this host's interfaces (ip -br link lists them): "
+                    "uproxy rules --in-interface IFACE --out-interface IFACE ... --apply",
+                    "no such interface here",
+                )
+            )
+        elif not any("UP" in links[link] for link in matching):
+            checks.append(Check(what, False, f"ip link set {matching[0]} up", "it is down"))
+        else:
+            checks.append(
+                Check(
+                    what,
+                    False,
+                    f"connect {matching[0]} (cable, or its peer's link)",
+                    "it is up but has no carrier",
+                )
+            )
     return checks
 
 
@@ -185,14 +202,43 @@ def check_rp_filter(interfaces: Sequence[str]) -> Check:
 
 
 def run_checks(setup: TproxySetup, listen: Sequence[str], interfaces: Sequence[str]) -> list[Check]:
+    """Every check, in order; ``interfaces`` (given on the command line) are checked with
+    those the installed rules name, and stand in for them in the rp_filter check."""
+    installed = installed_tproxy()
     checks = [check_kernel(), check_transparent()]
     for version in setup.versions:
         checks += check_policy_routing(setup, version)
-    checks += check_rules(setup, listen)
+    checks += check_rules(setup, listen, installed.targets)
+    checks += check_interfaces(installed.interfaces | set(interfaces), installed.interfaces)
     checks += [check_forwarding(version) for version in setup.versions]
     if 4 in setup.versions:
-        checks.append(check_rp_filter(interfaces))
+        named = [name for name in installed.interfaces if not name.endswith(("*", "+"))]
+        checks.append(check_rp_filter(interfaces or sorted(named)))
     return checks
+
+
+# Without these options, check looks at the interfaces the installed rules name.
+_FROM_RULES = "the interfaces the installed TPROXY rules name"
+InInterface = Annotated[
+    str | None,
+    typer.Option(
+        "--in-interface",
+        metavar="IFACE",
+        envvar="UPROXY_IN_INTERFACE",
+        help="Where clients' packets arrive: checked to be up, and for rp_filter.",
+        show_default=_FROM_RULES,
+    ),
+]
+OutInterface = Annotated[
+    str | None,
+    typer.Option(
+        "--out-interface",
+        metavar="IFACE",
+        envvar="UPROXY_OUT_INTERFACE",
+        help="Where the servers' answers arrive: checked to be up, and for rp_filter.",
+        show_default=_FROM_RULES,
+    ),
+]
 
 
 def check(
@@ -206,9 +252,9 @@ def check(
 
     Looks at: kernel support for TPROXY and socket matching, the right to set
     IP_TRANSPARENT, the fwmark ip rule and the local route of the routing table, TPROXY
-    rules that deliver to each --listen address, forwarding, and strict reverse-path
-    filtering. Prints a checklist with a fix for each miss; exits 0 when everything is in
-    place, 1 otherwise.
+    rules that deliver to each --listen address, the interfaces those rules name (they must
+    exist and be up), forwarding, and strict reverse-path filtering. Prints a checklist with
+    a fix for each miss; exits 0 when everything is in place, 1 otherwise.
 
     \b
     Examples:

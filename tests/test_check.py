@@ -29,7 +29,9 @@ def test_a_proxy_host_with_the_set_up_passes(lab: Lab) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "MISS" not in done.stdout
     assert "ok    a TPROXY rule delivers to [::1]:9091" in done.stdout
-    assert done.stdout.rstrip().endswith("all 11 checks passed")
+    assert "ok    interface ens6, named by the TPROXY rules, is up" in done.stdout
+    assert "ok    interface ens7, named by the TPROXY rules, is up" in done.stdout
+    assert done.stdout.rstrip().endswith("all 13 checks passed")
 
 
 def test_a_plain_router_misses_the_set_up_until_uproxy_rules_applies_it(plain_lab: Lab) -> None:
@@ -60,6 +62,28 @@ def test_a_plain_router_misses_the_set_up_until_uproxy_rules_applies_it(plain_la
     done = uproxy_in(proxy, "check", "--listen", "127.0.0.1:9999")
     assert done.returncode == 1
     assert "MISS  a TPROXY rule delivers to 127.0.0.1:9999" in done.stdout.splitlines()
+
+
+@pytest.mark.parametrize("backend", ["nft", "iptables"])
+def test_interfaces_the_rules_name_must_exist_and_be_up(plain_lab: Lab, backend: str) -> None:
+    """Rules for an interface this host lacks, or one that is down, intercept nothing: that
+    is a miss, not 'all checks passed'."""
+    proxy = plain_lab.proxy
+    rules = ["rules", "-b", backend, "--in-interface", "nosuch0", "--out-interface", "ens7"]
+    done = uproxy_in(proxy, *rules, "--port", "9090", *LISTEN_BOTH, "--apply")
+    assert done.returncode == 0, done.stderr
+    proxy.ip("link set ens7 down\n")
+    done = uproxy_in(proxy, "check", *LISTEN_BOTH)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    missing = lines.index("MISS  interface nosuch0, named by the TPROXY rules, is up")
+    assert lines[missing + 1] == "      (no such interface here)"
+    assert lines[missing + 2].startswith("      fix: apply rules that name this host's interfaces")
+    down = lines.index("MISS  interface ens7, named by the TPROXY rules, is up")
+    assert lines[down + 1 : down + 3] == ["      (it is down)", "      fix: ip link set ens7 up"]
+    assert lines[-1] == "2 of 13 checks missed"
+    # The rp_filter check looks at the interfaces the rules name.
+    assert "ok    reverse-path filter is not strict on ens7" in lines
 
 
 def test_strict_reverse_path_filtering_and_no_forwarding_are_misses(plain_lab: Lab) -> None:
