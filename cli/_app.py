@@ -127,8 +127,9 @@ def serve(
             "-i",
             metavar="SPEC",
             envvar="UPROXY_INTERCEPTOR",
-            help="path/to/file.py:name or package.module:name; repeat to stack them, the first "
-            "closest to the client.",
+            help="path/to/file.py:name or package.module:name, an interceptor; or "
+            "...:factory(ARGS) with literal ARGS, for a factory marked @interceptor_factory. "
+            "Repeat to stack them, the first closest to the client.",
         ),
     ] = None,
     grace: Annotated[
