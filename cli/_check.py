@@ -20,7 +20,7 @@ from uproxy_netns import PortRange, TproxySetup, has_local_route, has_policy_rul
 from uproxy_trio import Address, format_address, transparency_available
 
 from ._conntrack import invalid_drops, notrack_fix, notrack_in_place
-from ._installed import installed_tproxy, run_tool
+from ._installed import installed_tproxy, run_tool, unreadable_rules
 from ._rules import (
     DEFAULT_LISTEN,
     Listen,
@@ -66,26 +66,34 @@ def _run(argv: Sequence[str], input: str | None = None) -> subprocess.CompletedP
         return subprocess.CompletedProcess(list(argv), 127, "", f"{argv[0]} is not installed")
 
 
+# Asking the kernel (nft --check, nft list, iptables-save) needs CAP_NET_ADMIN, whatever the
+# proxy itself needs.
+_AS_ROOT = "run uproxy check as root (asking the kernel needs CAP_NET_ADMIN)"
+
+
 def check_kernel() -> Check:
-    what = "kernel: TPROXY and socket matching (nft_tproxy, nft_socket)"
+    what = "kernel supports TPROXY and socket matching"
     done = _run(["nft", "--check", "-f", "-"], input=_KERNEL_PROBE)
     if done.returncode == 0:
         return Check(what, True)
     if done.returncode == 127:
         return Check(what, False, "apt-get install nftables", "nft is not installed")
     first = (done.stderr.strip().splitlines() or ["refused"])[0]
+    if "not permitted" in first:
+        # Not the kernel's answer: nft was not allowed to ask.
+        return Check(what, False, _AS_ROOT, f"unknown: nft --check: {first}")
     return Check(what, False, "modprobe -a nft_tproxy nft_socket xt_TPROXY xt_socket", first)
 
 
 def check_transparent() -> Check:
-    what = "IP_TRANSPARENT can be set (CAP_NET_ADMIN)"
+    what = "IP_TRANSPARENT can be set (CAP_NET_ADMIN or CAP_NET_RAW)"
     if not transparency_available():
         return Check(
             what,
             False,
-            "run as root, or give uproxy CAP_NET_ADMIN "
+            "run as root, or give uproxy CAP_NET_ADMIN or CAP_NET_RAW "
             "(systemd: AmbientCapabilities=CAP_NET_ADMIN)",
-            "setsockopt refused: operation not permitted",
+            "setsockopt refused: operation not permitted; the kernel takes either capability",
         )
     return Check(what, True)
 
@@ -227,10 +235,19 @@ def run_checks(setup: TproxySetup, listen: Sequence[str], interfaces: Sequence[s
     checks = [check_kernel(), check_transparent()]
     for version in setup.versions:
         checks += check_policy_routing(setup, version)
-    checks += check_rules(setup, listen, installed.targets)
-    checks += check_interfaces(installed.interfaces | set(interfaces), installed.interfaces)
+    unreadable = unreadable_rules()
+    if unreadable is not None:
+        # Rules that cannot be read are not missing rules: one miss says why, instead of a
+        # miss for every rule the host may well have.
+        checks.append(
+            Check("the installed firewall rules can be read", False, _AS_ROOT, unreadable)
+        )
+    else:
+        checks += check_rules(setup, listen, installed.targets)
+        checks += check_interfaces(installed.interfaces | set(interfaces), installed.interfaces)
     checks += [check_forwarding(version) for version in setup.versions]
-    checks.append(check_conntrack(installed.port_ranges))
+    if unreadable is None:
+        checks.append(check_conntrack(installed.port_ranges))
     if 4 in setup.versions:
         named = [name for name in installed.interfaces if not name.endswith(("*", "+"))]
         checks.append(check_rp_filter(interfaces or sorted(named)))

@@ -49,6 +49,20 @@ def run_tool(argv: Sequence[str]) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
+def unreadable_rules() -> str | None:
+    """Why the rulesets cannot be read (reading needs CAP_NET_ADMIN), or ``None`` when they
+    can: without it every reader here would see an empty ruleset, not the installed one."""
+    for argv in (["nft", "list", "tables"], ["iptables-save", "-t", "mangle"]):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            continue
+        error = done.stderr.strip()
+        if done.returncode != 0 and re.search(r"not permitted|Permission denied", error):
+            return f"{argv[0]}: {error.splitlines()[-1]}"
+    return None
+
+
 def installed_tproxy() -> InstalledTproxy:
     found = InstalledTproxy()
     ranges: list[PortRange] = []
