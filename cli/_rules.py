@@ -27,6 +27,7 @@ from uproxy_netns import (
 from uproxy_trio import Address, parse_address
 
 from ._errors import EXIT_USAGE, CommandError
+from ._help import choices
 
 # Linux interface names: at most IFNAMSIZ - 1 = 15 bytes. We also keep them to characters
 # that need no quoting in an nft or iptables rule.
@@ -162,6 +163,7 @@ Mark = Annotated[
     int,
     typer.Option(
         "--mark",
+        metavar="N",
         min=1,
         max=0xFFFFFFFF,
         envvar="UPROXY_MARK",
@@ -172,6 +174,7 @@ Table = Annotated[
     int,
     typer.Option(
         "--table",
+        metavar="N",
         min=1,
         max=0xFFFFFFFF,
         envvar="UPROXY_TABLE",
@@ -186,8 +189,9 @@ def rules(
         typer.Option(
             "--backend",
             "-b",
+            metavar=choices(BACKENDS),
             envvar="UPROXY_BACKEND",
-            help=f"Firewall to write for: {' or '.join(BACKENDS)}.",
+            help="Firewall to write for.",
         ),
     ] = "nft",
     in_interface: InInterface = None,

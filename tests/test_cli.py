@@ -69,6 +69,41 @@ def test_rules_help_shows_every_default_and_none_for_interfaces_or_ports() -> No
     assert "9090" not in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("command", "flags", "choices"),
+    [
+        ([], ["--version", "--help"], {}),
+        (
+            ["serve"],
+            ["--help"],
+            {"--log-level": "[debug|info|warning|error]", "--log-format": "[text|json]"},
+        ),
+        (["rules"], ["--apply", "--remove", "--help"], {"--backend": "[nft|iptables]"}),
+        (["demo"], ["--wait", "--help"], {}),
+        (
+            ["bench"],
+            ["--uproxy-syn-to-tproxy", "--json", "--help"],
+            {"--relay": "[kernel|haproxy|uproxy|uproxy-identity]"},
+        ),
+        (["lab", "up"], ["--help"], {}),
+    ],
+)
+def test_help_shows_flags_bare_and_the_choices_of_an_option(
+    command: list[str], flags: list[str], choices: dict[str, str]
+) -> None:
+    """A flag takes no value, so nothing follows it; an option that takes one of a few words
+    lists them, as the user types them."""
+    done = wide_help(*command)
+    assert "<bool>" not in done.stdout
+    assert "<str>" not in done.stdout
+    rows = help_rows(done.stdout)
+    for flag in flags:
+        # The help text follows the flag directly, with no value between them.
+        assert rows[flag].split()[1][0].isupper(), rows[flag]
+    for option, metavar in choices.items():
+        assert metavar in rows[option].split(), rows[option]
+
+
 def test_serve_help_shows_the_defaults_that_are_not_values() -> None:
     options = help_rows(wide_help("serve").stdout)
     assert "[default: (127.0.0.1:9091)]" in options["--listen"]
