@@ -167,15 +167,30 @@ def _drops_invalid(rule: list[Mapping[str, Any]]) -> bool:
                 return True
         vmap = expr.get("vmap")
         if isinstance(vmap, dict) and _is_ct_state(vmap.get("key")):
-            for entry in vmap.get("data", {}).get("set", []):
-                key, verdict = entry
+            for key, verdict in _vmap_entries(vmap):
                 if "invalid" in _states(key) and any(v in verdict for v in _REFUSING):
                     return True
     return False
 
 
+def _vmap_entries(vmap: Mapping[str, Any]) -> list[tuple[Any, Mapping[str, Any]]]:
+    """A verdict map's ``(key, verdict)`` pairs; none for a named map (``vmap @states``),
+    whose contents are not read."""
+    data = vmap.get("data")
+    entries = data.get("set", []) if isinstance(data, dict) else []
+    return [
+        (entry[0], entry[1])
+        for entry in entries
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict)
+    ]
+
+
 def _is_ct_state(value: object) -> bool:
-    return isinstance(value, dict) and value.get("ct", {}).get("key") == "state"
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("ct"), dict)
+        and value["ct"].get("key") == "state"
+    )
 
 
 def _states(value: object) -> set[str]:
@@ -195,9 +210,9 @@ def _nft_jumps(rule: list[Mapping[str, Any]]) -> Iterator[str]:
                 yield str(expr[verdict]["target"])
         vmap = expr.get("vmap")
         if isinstance(vmap, dict):
-            for _key, verdict_map in vmap.get("data", {}).get("set", []):
+            for _key, verdict_map in _vmap_entries(vmap):
                 for verdict in ("jump", "goto"):
-                    if isinstance(verdict_map, dict) and verdict in verdict_map:
+                    if verdict in verdict_map:
                         yield str(verdict_map[verdict]["target"])
 
 
