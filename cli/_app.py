@@ -17,7 +17,7 @@ from ._bench import bench
 from ._check import check
 from ._demo import demo
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
-from ._help import help_of
+from ._help import Command, Group, choices, help_of
 from ._lab import lab_app
 from ._logging import LOG_FORMATS
 from ._privileges import resolve_identity
@@ -27,6 +27,7 @@ from ._spec import SpecError, load_interceptor
 from ._workers import cpu_count
 
 app = typer.Typer(
+    cls=Group,
     name="uproxy",
     help="A transparent TCP proxy for Linux TPROXY rules, with interceptors on Trio.",
     no_args_is_help=True,
@@ -97,9 +98,8 @@ def serve(
             "-l",
             metavar="HOST:PORT",
             envvar="UPROXY_LISTEN",
-            help="Address the TPROXY rule delivers to; repeat for more (IPv6 as [::1]:9091). "
-            "[default: 127.0.0.1:9091]",
-            show_default=False,
+            help="Address the TPROXY rule delivers to; repeat for more (IPv6 as [::1]:9091).",
+            show_default="127.0.0.1:9091",
         ),
     ] = None,
     connect_timeout: Annotated[
@@ -128,8 +128,9 @@ def serve(
             "-i",
             metavar="SPEC",
             envvar="UPROXY_INTERCEPTOR",
-            help="path/to/file.py:name or package.module:name; repeat to stack them, the first "
-            "closest to the client.",
+            help="path/to/file.py:name or package.module:name, an interceptor; or "
+            "...:factory(ARGS) with literal ARGS, for a factory marked @interceptor_factory. "
+            "Repeat to stack them, the first closest to the client.",
         ),
     ] = None,
     grace: Annotated[
@@ -159,7 +160,8 @@ def serve(
             min=0.001,
             metavar="SECONDS",
             envvar="UPROXY_IDLE_TIMEOUT",
-            help="Reset a flow that moved no byte either way for this long. [default: off]",
+            help="Reset a flow that moved no byte either way for this long.",
+            show_default="off",
         ),
     ] = None,
     user: Annotated[
@@ -177,7 +179,8 @@ def serve(
             "--group",
             metavar="NAME",
             envvar="UPROXY_GROUP",
-            help="With --user: the group to run as. [default: the user's own]",
+            help="With --user: the group to run as.",
+            show_default="the user's own",
         ),
     ] = None,
     workers: Annotated[
@@ -202,15 +205,19 @@ def serve(
     log_level: Annotated[
         str,
         typer.Option(
-            "--log-level", envvar="UPROXY_LOG_LEVEL", help=f"One of {', '.join(LOG_LEVELS)}."
+            "--log-level",
+            metavar=choices(LOG_LEVELS),
+            envvar="UPROXY_LOG_LEVEL",
+            help="The least severe messages logged (info: every flow's life).",
         ),
     ] = "info",
     log_format: Annotated[
         str,
         typer.Option(
             "--log-format",
+            metavar=choices(LOG_FORMATS),
             envvar="UPROXY_LOG_FORMAT",
-            help="text, or json: one object per line (a flow's end is event=flow_close).",
+            help="json: one object per line (a flow's end is event=flow_close).",
         ),
     ] = "text",
 ) -> int:
@@ -273,7 +280,7 @@ def serve(
 
 
 for command in (serve, rules, check, demo, bench):
-    app.command(help=help_of(command))(command)
+    app.command(cls=Command, help=help_of(command))(command)
 app.add_typer(lab_app)
 
 

@@ -17,6 +17,7 @@ from uproxy_netns import BenchSettings, LabError, Relay, run_bench
 
 from ._bench_report import format_report, report_as_json
 from ._errors import CommandError
+from ._help import choices
 
 _DEFAULTS = BenchSettings()
 
@@ -47,10 +48,9 @@ def bench(
         list[Relay] | None,
         typer.Option(
             "--relay",
-            metavar="RELAY",
-            help="Measure only this relay (kernel, haproxy, uproxy, uproxy-identity); repeat "
-            "for more. [default: all four, in that order]",
-            show_default=False,
+            metavar=choices([relay.value for relay in Relay]),
+            help="Measure only this relay; repeat for more.",
+            show_default="all four, in that order",
         ),
     ] = None,
     uproxy_syn_to_tproxy: Annotated[

@@ -1,16 +1,22 @@
-"""Command help from docstrings, laid out for the terminal.
+"""Command help laid out for the terminal: docstrings as paragraphs, options as a user types them.
 
 Typer's rich help keeps every line break of a docstring after its first paragraph, so text
 wrapped at 100 columns in the source comes out ragged at 80. Prose paragraphs are joined
 into one line each here for the terminal to wrap; a paragraph that starts with ``\\b`` (click's
 "do not rewrap" mark) is an example block and keeps its lines.
+
+The option column shows what follows an option on the command line: nothing after a flag
+(Typer would print ``<bool>``), the choices of an option that takes one of a few words
+(``[debug|info|warning|error]``, not ``<str>``).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import typer.core
 
 
 def help_of(command: Callable[..., Any]) -> str:
@@ -22,3 +28,42 @@ def help_of(command: Callable[..., Any]) -> str:
         else:
             paragraphs.append(" ".join(line.strip() for line in paragraph.splitlines()))
     return "\n\n".join(paragraphs)
+
+
+def choices(values: Sequence[str]) -> str:
+    """The metavar of an option that takes one of ``values``: ``[nft|iptables]``."""
+    return "[" + "|".join(values) + "]"
+
+
+def _show_flags_bare(params: Iterable[Any]) -> None:
+    # A flag takes no value, so nothing is shown after it: an empty metavar, which Typer
+    # prints as it is instead of the parameter's type.
+    for param in params:
+        if getattr(param, "is_flag", False) and getattr(param, "metavar", None) is None:
+            param.metavar = ""
+
+
+class Command(typer.core.TyperCommand):
+    """Typer's command, with its flags (``--help`` included) shown bare."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _show_flags_bare(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        _show_flags_bare([option])
+        return option
+
+
+class Group(typer.core.TyperGroup):
+    """Typer's group of commands, with its flags (``--help`` included) shown bare."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _show_flags_bare(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        _show_flags_bare([option])
+        return option

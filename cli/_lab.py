@@ -26,9 +26,10 @@ from uproxy_netns import (
 )
 
 from ._errors import CommandError
-from ._help import help_of
+from ._help import Command, Group, help_of
 
 lab_app = typer.Typer(
+    cls=Group,
     name="lab",
     help="A client ─ proxy ─ server lab of network namespaces that stays up until `down`.",
     no_args_is_help=True,
@@ -123,4 +124,4 @@ def status() -> None:
 
 
 for _command in (up, down, status):
-    lab_app.command(help=help_of(_command))(_command)
+    lab_app.command(cls=Command, help=help_of(_command))(_command)

@@ -31,6 +31,8 @@ from uproxy_trio import (
     format_address,
 )
 
+from ._errors import CommandError
+
 LOGGER = logging.getLogger("uproxy.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -119,7 +121,11 @@ async def serve_metrics(
 ) -> None:
     """A minimal HTTP/1.1 endpoint: ``GET /metrics`` and nothing else."""
     host, port = address
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise CommandError(f"cannot serve metrics on {format_address(address)}: {reason}") from None
     LOGGER.info("metrics on http://%s/metrics", format_address(address))
 
     async def answer(stream: trio.SocketStream) -> None:

@@ -7,6 +7,7 @@ get wrong happens before anything touches the host; the rendering and the applyi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Annotated
@@ -25,7 +26,8 @@ from uproxy_netns import (
 )
 from uproxy_trio import Address, parse_address
 
-from ._errors import CommandError
+from ._errors import EXIT_USAGE, CommandError
+from ._help import choices
 
 # Linux interface names: at most IFNAMSIZ - 1 = 15 bytes. We also keep them to characters
 # that need no quoting in an nft or iptables rule.
@@ -35,6 +37,12 @@ _INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _RESERVED_TABLES = (0, 253, 254, 255)
 
 DEFAULT_LISTEN = "127.0.0.1:9091"
+
+# Interfaces and ports differ on every host, so `uproxy rules` guesses none of them.
+_WHAT_RULES_NEED = (
+    "uproxy rules needs the interface clients' packets arrive on (--in-interface), the one "
+    "the servers' answers arrive on (--out-interface) and the port(s) to intercept (--port)"
+)
 
 
 def parse_listeners(values: Sequence[str]) -> dict[int, Address]:
@@ -84,23 +92,13 @@ def check_table(value: int) -> int:
     return value
 
 
-def build_setup(
-    *,
-    in_interface: str,
-    out_interface: str,
-    ports: Sequence[str],
-    listen: Sequence[str],
-    mark: int,
-    table: int,
-) -> TproxySetup:
-    """A checked ``TproxySetup`` from command-line values; ``typer.BadParameter`` if not."""
+def routing_setup(*, listen: Sequence[str], mark: int, table: int) -> TproxySetup:
+    """The listeners and the policy routing of a set-up, checked; ``typer.BadParameter`` if
+    not. Its interfaces and ports are placeholders: for ``uproxy check`` and ``rules
+    --remove``, which look at or take away what is installed, whatever it matches."""
     listeners = parse_listeners(listen)
     v4, v6 = listeners.get(4), listeners.get(6)
-    port_text = ",".join(f"{a}-{b}" for a, b in parse_ports(ports))
     return TproxySetup(
-        in_interface=check_interface(in_interface, "'--in-interface'"),
-        out_interface=check_interface(out_interface, "'--out-interface'"),
-        ports=port_text,
         listen_port=(v4 or v6 or ("", 0))[1],
         listen_v4=v4[0] if v4 else None,
         listen_v6=v6[0] if v6 else None,
@@ -111,22 +109,42 @@ def build_setup(
     )
 
 
+def build_setup(
+    *,
+    in_interface: str,
+    out_interface: str,
+    ports: Sequence[str],
+    listen: Sequence[str],
+    mark: int,
+    table: int,
+) -> TproxySetup:
+    """A checked ``TproxySetup`` from command-line values; ``typer.BadParameter`` if not."""
+    return dataclasses.replace(
+        routing_setup(listen=listen, mark=mark, table=table),
+        in_interface=check_interface(in_interface, "'--in-interface'"),
+        out_interface=check_interface(out_interface, "'--out-interface'"),
+        ports=",".join(f"{a}-{b}" for a, b in parse_ports(ports)),
+    )
+
+
 InInterface = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--in-interface",
         metavar="IFACE",
         envvar="UPROXY_IN_INTERFACE",
         help="Where clients' packets arrive.",
+        show_default=False,
     ),
 ]
 OutInterface = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--out-interface",
         metavar="IFACE",
         envvar="UPROXY_OUT_INTERFACE",
         help="Where the servers' answers arrive.",
+        show_default=False,
     ),
 ]
 Listen = Annotated[
@@ -137,14 +155,15 @@ Listen = Annotated[
         metavar="HOST:PORT",
         envvar="UPROXY_LISTEN",
         help="Where `uproxy serve` listens: one IPv4 and/or one IPv6 address ([::1]:9091); "
-        "each version given is intercepted. [default: 127.0.0.1:9091]",
-        show_default=False,
+        "each version given is intercepted.",
+        show_default=DEFAULT_LISTEN,
     ),
 ]
 Mark = Annotated[
     int,
     typer.Option(
         "--mark",
+        metavar="N",
         min=1,
         max=0xFFFFFFFF,
         envvar="UPROXY_MARK",
@@ -155,6 +174,7 @@ Table = Annotated[
     int,
     typer.Option(
         "--table",
+        metavar="N",
         min=1,
         max=0xFFFFFFFF,
         envvar="UPROXY_TABLE",
@@ -169,12 +189,13 @@ def rules(
         typer.Option(
             "--backend",
             "-b",
+            metavar=choices(BACKENDS),
             envvar="UPROXY_BACKEND",
-            help=f"Firewall to write for: {' or '.join(BACKENDS)}.",
+            help="Firewall to write for.",
         ),
     ] = "nft",
-    in_interface: InInterface = "ens6",
-    out_interface: OutInterface = "ens7",
+    in_interface: InInterface = None,
+    out_interface: OutInterface = None,
     port: Annotated[
         list[str] | None,
         typer.Option(
@@ -182,7 +203,7 @@ def rules(
             "-p",
             metavar="PORT|FIRST-LAST",
             envvar="UPROXY_PORT",
-            help="Destination port(s) to intercept; repeat for more. [default: 9090]",
+            help="Destination port(s) to intercept; repeat for more.",
             show_default=False,
         ),
     ] = None,
@@ -207,10 +228,14 @@ def rules(
     --remove takes exactly those away. Run it as root, on the router (or in the namespace)
     that the clients' traffic passes through.
 
+    --in-interface, --out-interface and --port have no defaults: printing and --apply need
+    all three; --remove needs none of them.
+
     \b
     Examples:
-      uproxy rules --in-interface ens6 --out-interface ens7 --port 9090 --port 9100-9199
-      uproxy rules --backend iptables --listen 127.0.0.1:9091 --listen [::1]:9091 --apply
+      uproxy rules --in-interface eth1 --out-interface eth0 --port 80 --port 8000-8099
+      uproxy rules -b iptables --in-interface eth1 --out-interface eth0 -p 443 \\
+          --listen 127.0.0.1:9091 --listen [::1]:9091 --apply
       uproxy rules --backend iptables --listen 127.0.0.1:9091 --listen [::1]:9091 --remove
     """
     if backend not in BACKENDS:
@@ -219,24 +244,45 @@ def rules(
         )
     if apply and remove:
         raise typer.BadParameter("--apply and --remove exclude each other")
+    listen = listen or [DEFAULT_LISTEN]
+    if remove:
+        # Removal takes away our table or chains and the policy routing of --mark and
+        # --table, whatever interfaces and ports they named.
+        _change_host(routing_setup(listen=listen, mark=mark, table=table), backend, "remove")
+        return
+    if not (in_interface and out_interface and port):
+        missing = [
+            name
+            for name, value in (
+                ("--in-interface", in_interface),
+                ("--out-interface", out_interface),
+                ("--port", port),
+            )
+            if not value
+        ]
+        raise CommandError(f"missing {', '.join(missing)}: {_WHAT_RULES_NEED}", EXIT_USAGE)
     setup = build_setup(
         in_interface=in_interface,
         out_interface=out_interface,
-        ports=port or ["9090"],
-        listen=listen or [DEFAULT_LISTEN],
+        ports=port,
+        listen=listen,
         mark=mark,
         table=table,
     )
-    if not (apply or remove):
+    if apply:
+        _change_host(setup, backend, "apply")
+    else:
         typer.echo(setup.shell_script(backend), nl=False)
-        return
+
+
+def _change_host(setup: TproxySetup, backend: str, action: str) -> None:
     try:
-        if apply:
+        if action == "apply":
             apply_setup(setup, backend)
         else:
             remove_setup(setup, backend)
     except LabError as exc:
         raise CommandError(str(exc)) from None
-    done = "applied" if apply else "removed"
     versions = " and ".join(f"IPv{v}" for v in setup.versions)
+    done = {"apply": "applied", "remove": "removed"}[action]
     typer.echo(f"uproxy rules: {done} ({backend}, {versions})", err=True)

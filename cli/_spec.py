@@ -1,10 +1,12 @@
 """Turning ``--interceptor SPEC`` into an interceptor, or into one clear reason why not.
 
 SPEC is ``path/to/file.py:name`` or ``package.module:name``, where ``name`` is an interceptor
-(an async generator function), or ``name(ARGS)`` where ``name`` is a factory called with the
-literal ``ARGS`` (numbers, strings, bytes, ... as in Python; nothing is evaluated) that returns
-an interceptor. Everything is checked before the proxy binds a socket, so a typo never costs a
-running proxy its flows.
+(an async generator function, used as it is), or ``name(ARGS)`` where ``name`` is a factory
+marked with ``@uproxy_trio.interceptor_factory``, called with the literal ``ARGS`` (numbers,
+strings, bytes, ... as in Python; nothing is evaluated) to make the interceptor. Whether
+``name`` carries the mark is decided before anything is called, so a SPEC such as
+``os:system("...")`` runs nothing. Everything is checked before the proxy binds a socket, so
+a typo never costs a running proxy its flows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from uproxy_trio import Interceptor
+from uproxy_trio._interceptor import is_interceptor_factory
 
 USAGE = "expected path/to/file.py:name, package.module:name or ...:factory(ARGS)"
 
@@ -33,13 +36,19 @@ def load_interceptor(spec: str) -> Interceptor:
     target, sep, name = head.rpartition(":")
     if not sep or not target or not name.isidentifier():
         raise SpecError(f"{spec!r}: {USAGE}")
+    # The arguments are checked first: a SPEC that is not literal costs no import.
+    call = _literal_arguments(spec, arguments) if paren else None
     candidate = getattr(_load_module(spec, target), name, None)
     if candidate is None:
         raise SpecError(f"{spec!r}: {target} has no {name!r}")
-    if paren:
-        args, kwargs = _literal_arguments(spec, arguments)
-        candidate = _call_factory(spec, name, candidate, args, kwargs)
-    elif _looks_like_factory(candidate):
+    if call is not None:
+        if not is_interceptor_factory(candidate):
+            raise SpecError(
+                f"{spec!r}: {name} is not marked @uproxy_trio.interceptor_factory, so it is "
+                "not called (only marked factories take arguments)"
+            )
+        candidate = _call_factory(spec, name, candidate, *call)
+    elif is_interceptor_factory(candidate):
         raise SpecError(f"{spec!r}: {name} makes interceptors; call it, as {head}(...)")
     if not inspect.isasyncgenfunction(candidate):
         raise SpecError(
@@ -50,15 +59,6 @@ def load_interceptor(spec: str) -> Interceptor:
         raise SpecError(f"{spec!r}: {name} must take three arguments (flow, direction, chunks)")
     interceptor: Interceptor = candidate
     return interceptor
-
-
-def _looks_like_factory(candidate: Any) -> bool:
-    """A plain function that cannot take (flow, direction, chunks) is a factory to call."""
-    return (
-        inspect.isfunction(candidate)
-        and not inspect.isasyncgenfunction(candidate)
-        and not _takes_three(candidate)
-    )
 
 
 def _takes_three(candidate: Any) -> bool:
@@ -87,8 +87,6 @@ def _literal_arguments(spec: str, arguments: str) -> tuple[list[Any], dict[str, 
 def _call_factory(
     spec: str, name: str, factory: Any, args: list[Any], kwargs: dict[str, Any]
 ) -> Any:
-    if not callable(factory):
-        raise SpecError(f"{spec!r}: {name} is not callable")
     try:
         return factory(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a factory may reject its arguments any way

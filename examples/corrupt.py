@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from uproxy_trio import Direction, Flow, Interceptor, directions
+from uproxy_trio import Direction, Flow, Interceptor, directions, interceptor_factory
 
 
+@interceptor_factory
 def corrupt_every(n: int, direction: str | None = None) -> Interceptor:
     if n < 1:
         raise ValueError("corrupt_every() needs n >= 1")

@@ -28,6 +28,90 @@ def test_help_shows_serve_options() -> None:
         assert option in done.stdout
 
 
+def help_rows(help_text: str) -> dict[str, str]:
+    """Each option's row of a help panel, its wrapped lines joined: ``{"--mark": "..."}``."""
+    rows: dict[str, str] = {}
+    name = ""
+    for line in help_text.splitlines():
+        cells = line.strip("│ ").split()
+        if line.startswith("│ --"):
+            name = cells[0]
+            rows[name] = ""
+        if name and line.startswith("│"):
+            rows[name] += " " + " ".join(cells)
+    return rows
+
+
+def wide_help(*command: str) -> subprocess.CompletedProcess[str]:
+    """``--help`` wide enough that no option's help wraps into another's row."""
+    done = subprocess.run(
+        [*uproxy_command(), *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_rules_help_shows_every_default_and_none_for_interfaces_or_ports() -> None:
+    done = wide_help("rules")
+    options = help_rows(done.stdout)
+    assert "[default: nft]" in options["--backend"]
+    assert "[default: (127.0.0.1:9091)]" in options["--listen"]
+    assert "[default: 1]" in options["--mark"]
+    assert "[default: 100]" in options["--table"]
+    for name in ("--in-interface", "--out-interface", "--port"):
+        assert "default" not in options[name], options[name]
+    assert "ens6" not in done.stdout
+    assert "9090" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "choices"),
+    [
+        ([], ["--version", "--help"], {}),
+        (
+            ["serve"],
+            ["--help"],
+            {"--log-level": "[debug|info|warning|error]", "--log-format": "[text|json]"},
+        ),
+        (["rules"], ["--apply", "--remove", "--help"], {"--backend": "[nft|iptables]"}),
+        (["demo"], ["--wait", "--help"], {}),
+        (
+            ["bench"],
+            ["--uproxy-syn-to-tproxy", "--json", "--help"],
+            {"--relay": "[kernel|haproxy|uproxy|uproxy-identity]"},
+        ),
+        (["lab", "up"], ["--help"], {}),
+    ],
+)
+def test_help_shows_flags_bare_and_the_choices_of_an_option(
+    command: list[str], flags: list[str], choices: dict[str, str]
+) -> None:
+    """A flag takes no value, so nothing follows it; an option that takes one of a few words
+    lists them, as the user types them."""
+    done = wide_help(*command)
+    assert "<bool>" not in done.stdout
+    assert "<str>" not in done.stdout
+    rows = help_rows(done.stdout)
+    for flag in flags:
+        # The help text follows the flag directly, with no value between them.
+        assert rows[flag].split()[1][0].isupper(), rows[flag]
+    for option, metavar in choices.items():
+        assert metavar in rows[option].split(), rows[option]
+
+
+def test_serve_help_shows_the_defaults_that_are_not_values() -> None:
+    options = help_rows(wide_help("serve").stdout)
+    assert "[default: (127.0.0.1:9091)]" in options["--listen"]
+    assert "[default: (off)]" in options["--idle-timeout"]
+    assert "[default: (the user's own)]" in options["--group"]
+    assert "[default: 10.0]" in options["--connect-timeout"]
+
+
 BAD_SPEC_FILE = "async def not_a_generator(flow, direction, chunks):\n    return chunks\n"
 
 
@@ -121,7 +205,13 @@ def test_rules_options_come_from_the_environment() -> None:
         text=True,
         timeout=60,
         check=False,
-        env={"UPROXY_BACKEND": "iptables", "UPROXY_PORT": "8080", "COLUMNS": "200"},
+        env={
+            "UPROXY_BACKEND": "iptables",
+            "UPROXY_IN_INTERFACE": "ens6",
+            "UPROXY_OUT_INTERFACE": "ens7",
+            "UPROXY_PORT": "8080",
+            "COLUMNS": "200",
+        },
     )
     assert done.returncode == 0, done.stderr
     assert "-A UPROXY_PREROUTING -i ens6 -p tcp --dport 8080 " in done.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 
 import pytest
 import trio
@@ -18,6 +19,7 @@ from lab_tools import (
     recv_exactly,
     recv_until_eof,
     send_all,
+    uproxy_command,
 )
 
 from uproxy_netns import SERVER_V4, Lab
@@ -144,3 +146,27 @@ def test_bad_observability_options_are_usage_errors(
     with pytest.raises(AssertionError, match="exited 2"):
         cli_proxy.start(*args)
     assert message in cli_proxy.log
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_metrics_on_an_address_in_use_fail_in_one_line_that_names_it(
+    lab: Lab, workers: str
+) -> None:
+    taken = lab.proxy.socket(socket.AF_INET)
+    with taken:
+        # Scrapes by the tests above may have left the port in TIME_WAIT.
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", METRICS_PORT))
+        taken.listen()
+        argv = [*uproxy_command(), "serve", "--metrics", f"127.0.0.1:{METRICS_PORT}"]
+        done = subprocess.run(
+            lab.proxy.exec_argv([*argv, "--workers", workers]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"uproxy: error: cannot serve metrics on 127.0.0.1:{METRICS_PORT}: address already in use"
+    ]

@@ -19,6 +19,8 @@ from uproxy_netns import SERVER_V4, Lab, Namespace, TproxySetup
 
 BACKENDS = ["nft", "iptables"]
 LISTEN_BOTH = ["--listen", "127.0.0.1:9091", "--listen", "[::1]:9091"]
+# The lab's proxy host: clients arrive on ens6, servers answer on ens7.
+LAB_INTERFACES = ["--in-interface", "ens6", "--out-interface", "ens7"]
 
 # Churn: more flows than the client has source ports, so every port comes back several times
 # while the proxy still holds the TIME_WAIT of its last flow (60 s).
@@ -35,7 +37,9 @@ def run_uproxy(*args: str, namespace: Namespace | None = None) -> subprocess.Com
 
 
 def test_nft_rules_send_bare_syns_to_tproxy_and_everything_else_by_socket() -> None:
-    done = run_uproxy("rules", "--port", "9090", "--port", "9100-9199", *LISTEN_BOTH)
+    done = run_uproxy(
+        "rules", *LAB_INTERFACES, "--port", "9090", "--port", "9100-9199", *LISTEN_BOTH
+    )
     assert done.returncode == 0, done.stderr
     script = done.stdout
     assert "nft -f - <<'EOF'" in script
@@ -55,7 +59,16 @@ def test_nft_rules_send_bare_syns_to_tproxy_and_everything_else_by_socket() -> N
 
 def test_iptables_rules_use_own_chains_and_skip_the_shortcut_for_bare_syns() -> None:
     done = run_uproxy(
-        "rules", "--backend", "iptables", "--listen", "127.0.0.1:9091", "--mark", "7", "-p", "80"
+        "rules",
+        "-b",
+        "iptables",
+        *LAB_INTERFACES,
+        "--listen",
+        "127.0.0.1:9091",
+        "--mark",
+        "7",
+        "-p",
+        "80",
     )
     assert done.returncode == 0, done.stderr
     script = done.stdout
@@ -93,12 +106,30 @@ def test_ports_are_merged_and_listeners_may_differ_per_family() -> None:
     ],
 )
 def test_bad_rules_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
-    done = run_uproxy("rules", *args)
+    done = run_uproxy("rules", *LAB_INTERFACES, "--port", "9090", *args)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("uproxy: error: ")
     assert message in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "missing"),
+    [
+        ([], "missing --in-interface, --out-interface, --port: "),
+        (["--in-interface", "eth1", "--port", "80"], "missing --out-interface: "),
+        (["--in-interface", "eth1", "--out-interface", "eth0", "--apply"], "missing --port: "),
+    ],
+)
+def test_interfaces_and_ports_have_no_defaults(args: list[str], missing: str) -> None:
+    """The seed's lab names (ens6, ens7, 9090) are nobody's host: nothing is guessed."""
+    done = run_uproxy("rules", *args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"uproxy: error: {missing}uproxy rules needs the interface")
 
 
 def host_state(namespace: Namespace) -> dict[str, str]:
@@ -132,9 +163,10 @@ def test_apply_twice_changes_nothing_and_remove_leaves_nothing_behind(
     plain_lab: Lab, backend: str
 ) -> None:
     proxy = plain_lab.proxy
-    args = ["rules", "--backend", backend, *LISTEN_BOTH, "--port", "9090", "--port", "9100-9199"]
+    args = ["rules", "--backend", backend, *LISTEN_BOTH]
+    ports = ["--port", "9090", "--port", "9100-9199"]
     before = host_state(proxy)
-    done = run_uproxy(*args, "--apply", namespace=proxy)
+    done = run_uproxy(*args, *LAB_INTERFACES, *ports, "--apply", namespace=proxy)
     assert done.returncode == 0, done.stderr
     applied = host_state(proxy)
     assert applied != before
@@ -147,8 +179,9 @@ def test_apply_twice_changes_nothing_and_remove_leaves_nothing_behind(
     else:
         assert "-A PREROUTING -j UPROXY_PREROUTING" in applied["iptables"]
         assert "--on-ip ::1" in applied["ip6tables"]
-    assert run_uproxy(*args, "--apply", namespace=proxy).returncode == 0
+    assert run_uproxy(*args, *LAB_INTERFACES, *ports, "--apply", namespace=proxy).returncode == 0
     assert host_state(proxy) == applied
+    # Removal needs no interfaces or ports: it takes away whatever our table or chains held.
     done = run_uproxy(*args, "--remove", namespace=proxy)
     assert done.returncode == 0, done.stderr
     assert host_state(proxy) == before
@@ -205,7 +238,17 @@ async def test_port_reuse_while_the_proxy_holds_time_wait_costs_no_syn_retransmi
     plain_lab: Lab, backend: str
 ) -> None:
     lab = plain_lab
-    done = run_uproxy("rules", "--backend", backend, *LISTEN_BOTH, "--apply", namespace=lab.proxy)
+    done = run_uproxy(
+        "rules",
+        "-b",
+        backend,
+        *LAB_INTERFACES,
+        "-p",
+        "9090",
+        *LISTEN_BOTH,
+        "--apply",
+        namespace=lab.proxy,
+    )
     assert done.returncode == 0, done.stderr
     first, last = CHURN_CLIENT_PORTS
     lab.client.sysctl({"net.ipv4.ip_local_port_range": f"{first} {last}"})

@@ -17,7 +17,7 @@ from ._events import (
     log_event,
 )
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor, directions, in_own_task
+from ._interceptor import Interceptor, directions, in_own_task, interceptor_factory
 from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
 from ._transparent import TransparencyUnavailable, transparency_available
 
@@ -43,6 +43,7 @@ __all__ = [
     "directions",
     "format_address",
     "in_own_task",
+    "interceptor_factory",
     "log_event",
     "parse_address",
     "serve",

@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 
 from ._address import format_address
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor
+from ._interceptor import Interceptor, interceptor_factory
 
 LOGGER = logging.getLogger("uproxy_trio.hexdump")
 
 _BYTES_PER_LINE = 16
 
 
+@interceptor_factory
 def hexdump(max_bytes: int = 512, *, logger: logging.Logger = LOGGER) -> Interceptor:
     """Log each chunk as a hex dump (``xxd`` style, at most ``max_bytes`` of it) at INFO.
 

@@ -115,3 +115,25 @@ def _close_with(stack: AsyncExitStack, stream: AsyncIterator[bytes]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         stack.push_async_callback(aclose)
+
+
+_FACTORY_ATTR = "__uproxy_interceptor_factory__"
+FactoryT = TypeVar("FactoryT", bound=Callable[..., Interceptor])
+
+
+def interceptor_factory(factory: FactoryT) -> FactoryT:
+    """Mark a function that makes interceptors from its arguments, so that ``uproxy serve
+    --interceptor 'module:factory(ARGS)'`` may call it.
+
+    A SPEC is typed by whoever starts the proxy, and ``name(ARGS)`` calls ``name``: the
+    command line calls only what carries this mark, and decides that before calling
+    anything, so ``os:system("...")`` is refused without running. The arguments are Python
+    literals only (``ast.literal_eval``); nothing in a SPEC is evaluated.
+    """
+    setattr(factory, _FACTORY_ATTR, True)
+    return factory
+
+
+def is_interceptor_factory(candidate: object) -> bool:
+    """Whether ``candidate`` was marked with ``interceptor_factory``."""
+    return getattr(candidate, _FACTORY_ATTR, False) is True

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor
+from ._interceptor import Interceptor, interceptor_factory
 
 
+@interceptor_factory
 def label(text: str | bytes) -> Interceptor:
     """An interceptor that appends ``text`` and a newline to every chunk, in both directions.
 

@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator
 import trio
 
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor, directions
+from ._interceptor import Interceptor, directions, interceptor_factory
 
 # A throttled chunk is sent in slices of this much time's worth of bytes, so the rate is
 # smooth at the scale a test watches rather than one burst per 64 KiB read.
 _SLICE_S = 0.05
 
 
+@interceptor_factory
 def throttle(bytes_per_second: float, *, direction: Direction | str | None = None) -> Interceptor:
     """Pass at most ``bytes_per_second`` on average in each direction of a flow."""
     if bytes_per_second <= 0:
@@ -40,6 +41,7 @@ def throttle(bytes_per_second: float, *, direction: Direction | str | None = Non
     return limit_rate if direction is None else directions(direction)(limit_rate)
 
 
+@interceptor_factory
 def delay(seconds: float, *, direction: Direction | str | None = None) -> Interceptor:
     """Hold every chunk back for ``seconds`` before passing it on, like a long link's latency.
 

@@ -11,9 +11,10 @@ import re
 from collections.abc import AsyncIterator
 
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor, directions
+from ._interceptor import Interceptor, directions, interceptor_factory
 
 
+@interceptor_factory
 def replace(old: bytes, new: bytes, *, direction: Direction | str | None = None) -> Interceptor:
     """Replace every ``old`` with ``new``, as ``bytes.replace`` would on the whole stream.
 
@@ -61,6 +62,7 @@ def _prefix_at_end(data: bytes, pattern: bytes) -> int:
     return 0
 
 
+@interceptor_factory
 def regex_replace(
     pattern: bytes | str,
     replacement: bytes | str,

@@ -58,7 +58,8 @@ def _make_transparent(sock: socket.socket, family: socket.AddressFamily) -> None
     except PermissionError as exc:
         raise TransparencyUnavailable(
             exc.errno,
-            "setting IP_TRANSPARENT needs CAP_NET_ADMIN (run as root or grant the capability)",
+            "setting IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW "
+            "(run as root or grant one of them)",
         ) from None
 
 

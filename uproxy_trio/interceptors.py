@@ -1,7 +1,8 @@
 """Ready-made interceptors, for composing in Python and for the command line.
 
-Each is a factory: ``uproxy serve --interceptor 'uproxy_trio.interceptors:replace(b"a", b"b")'``
-calls it with the literal arguments given and uses what it returns.
+Each is a factory marked with ``interceptor_factory``, so ``uproxy serve --interceptor
+'uproxy_trio.interceptors:replace(b"a", b"b")'`` calls it with the literal arguments given and
+uses what it returns.
 """
 
 from ._hexdump import format_hexdump, hexdump
