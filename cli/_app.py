@@ -36,6 +36,7 @@ app = typer.Typer(
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SOURCE_PORTS = ("keep", "ephemeral")
 
 
 def _parse_listen(values: Sequence[str]) -> list[Address]:
@@ -164,6 +165,17 @@ def serve(
             show_default="off",
         ),
     ] = None,
+    source_port: Annotated[
+        str,
+        typer.Option(
+            "--source-port",
+            metavar=choices(SOURCE_PORTS),
+            envvar="UPROXY_SOURCE_PORT",
+            help="keep: connect out from the client's own IP and port (the seed's way); "
+            "ephemeral: the client's IP and a port the kernel picks, so a busy host never "
+            "collides with its own TIME_WAIT sockets (HAProxy's usesrc clientip).",
+        ),
+    ] = "keep",
     user: Annotated[
         str | None,
         typer.Option(
@@ -247,6 +259,11 @@ def serve(
             identity = resolve_identity(user, group)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--user'") from None
+    if source_port not in SOURCE_PORTS:
+        raise typer.BadParameter(
+            f"{source_port!r} is not one of {', '.join(SOURCE_PORTS)}",
+            param_hint="'--source-port'",
+        )
     if log_format not in LOG_FORMATS:
         raise typer.BadParameter(
             f"{log_format!r} is not one of {', '.join(LOG_FORMATS)}", param_hint="'--log-format'"
@@ -261,6 +278,7 @@ def serve(
         grace=grace,
         max_flows=max_flows,
         idle_timeout=idle_timeout,
+        source_port=source_port,
         user=user,
         group=group,
         identity=identity,

@@ -74,6 +74,7 @@ class ServeOptions:
     grace: float
     max_flows: int | None
     idle_timeout: float | None
+    source_port: str
     user: str | None
     group: str | None
     identity: Identity | None
@@ -97,6 +98,7 @@ def run_serve(options: ServeOptions) -> int:
         idle_timeout=options.idle_timeout,
         max_flows=options.max_flows,
         reuse_port=worker is not None,
+        source_port=options.source_port,
         on_event=log_event if metrics is None else _both(log_event, metrics.on_event),
     )
 
@@ -142,6 +144,7 @@ def _run_workers(options: ServeOptions) -> int:
         *(arg for spec in options.interceptor_specs for arg in ("--interceptor", spec)),
         *(["--max-flows", str(share)] if share is not None else []),
         *(["--idle-timeout", repr(options.idle_timeout)] if options.idle_timeout else []),
+        *("--source-port", options.source_port),
         *(["--user", options.user] if options.user is not None else []),
         *(["--group", options.group] if options.group is not None else []),
         *("--log-level", options.log_level, "--log-format", options.log_format),

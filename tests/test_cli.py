@@ -127,6 +127,7 @@ BAD_SPEC_FILE = "async def not_a_generator(flow, direction, chunks):\n    return
         (["serve", "--frobnicate"], "No such option: --frobnicate"),
         (["serve", "--connect-timeout", "soon"], "'--connect-timeout'"),
         (["serve", "--log-level", "loud"], "'loud' is not one of debug, info, warning, error"),
+        (["serve", "--source-port", "random"], "'random' is not one of keep, ephemeral"),
         (["serve", "-i", "missing.py:f"], "'missing.py:f': no such file 'missing.py'"),
         (["serve", "-i", "no_such_module_xyz:f"], "no module named 'no_such_module_xyz'"),
         (["serve", "-i", "uproxy_trio:nothing"], "uproxy_trio has no 'nothing'"),

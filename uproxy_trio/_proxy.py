@@ -267,6 +267,13 @@ class Proxy:
             for _ in range(ACCEPT_BATCH):
                 if self._slots is not None and not _try_acquire(self._slots):
                     await self._slots.acquire()
+                    # Woken by a flow's end, which may also have started a drain: a drain
+                    # cancels this loop, and that must win over the connection waiting.
+                    try:
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                    except BaseException:
+                        self._slots.release()
+                        raise
                 try:
                     client_sock, client_address = listener.accept()
                     client_sock.setblocking(False)
@@ -491,6 +498,7 @@ async def serve(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
     idle_timeout: float | None = None,
     max_flows: int | None = None,
+    source_port: str = "keep",
     on_event: EventSink = log_event,
     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -503,6 +511,7 @@ async def serve(
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
         max_flows=max_flows,
+        source_port=source_port,
         on_event=on_event,
     )
     await proxy.serve(listen, task_status=task_status)
