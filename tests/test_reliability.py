@@ -99,7 +99,8 @@ async def test_a_flow_still_connecting_at_the_end_of_grace_is_reset(
     lab: Lab, cli_proxy: CliProxy
 ) -> None:
     with silent_server_port(lab, 9095):
-        cli_proxy.start("--grace", "0.5", "--connect-timeout", "60")
+        # At debug, to see the flow open.
+        cli_proxy.start("--grace", "0.5", "--connect-timeout", "60", "--log-level", "debug")
         with trio.fail_after(20):
             client = await connect(lab.client, SERVER_V4, 9095)
             cli_proxy.wait_for_log("flow 1 open")
