@@ -48,8 +48,8 @@ def bench(
         typer.Option(
             "--relay",
             metavar="RELAY",
-            help="Measure only this relay (kernel, haproxy, uproxy, uproxy-identity); repeat "
-            "for more. [default: all four, in that order]",
+            help="Measure only this relay (kernel, haproxy, uproxy, uproxy-default-logging, "
+            "uproxy-identity); repeat for more. [default: all five, in that order]",
             show_default=False,
         ),
     ] = None,
@@ -77,6 +77,8 @@ def bench(
     """Measure throughput, HTTP request rates and idle-flow memory through each relay.
 
     Kernel forwarding, HAProxy and uproxy serve, each on a fresh lab of namespaces. Needs root.
+
+    uproxy runs at --log-level warning; uproxy-default-logging at serve's default level.
     """
     # One line per paragraph above: --help keeps the docstring's line breaks.
     if os.geteuid() != 0:
