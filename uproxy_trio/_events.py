@@ -100,9 +100,9 @@ FlowEvent: TypeAlias = (
 EventSink: TypeAlias = Callable[[FlowEvent], None]
 
 # What each event is worth. A flow's close is its access-log line, the one line a flow writes
-# at INFO (serve's default); the steps before it are DEBUG: five lines a flow held uproxy at
-# 0.25 to 0.44 x HAProxy's new connections per second, half its rate at --log-level warning.
-# Failures stay WARNING or ERROR.
+# at INFO (serve's default); the steps before it are DEBUG, since five lines a flow held uproxy
+# to 0.25 to 0.44 x HAProxy's new connections per second, about half its rate at --log-level
+# warning. Failures stay WARNING or ERROR.
 _LEVELS: Mapping[type[object], int] = {
     FlowOpened: logging.DEBUG,
     UpstreamConnected: logging.DEBUG,
