@@ -50,7 +50,7 @@ def bench(
             "--relay",
             metavar=choices([relay.value for relay in Relay]),
             help="Measure only this relay; repeat for more.",
-            show_default="all four, in that order",
+            show_default="all five, in that order",
         ),
     ] = None,
     uproxy_syn_to_tproxy: Annotated[
@@ -77,6 +77,8 @@ def bench(
     """Measure throughput, HTTP request rates and idle-flow memory through each relay.
 
     Kernel forwarding, HAProxy and uproxy serve, each on a fresh lab of namespaces. Needs root.
+
+    uproxy runs at --log-level warning; uproxy-default-logging at serve's default level.
     """
     # One line per paragraph above: --help keeps the docstring's line breaks.
     if os.geteuid() != 0:

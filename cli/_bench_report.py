@@ -32,6 +32,7 @@ def format_report(report: BenchReport) -> str:
         f"uproxy bench: {settings.duration_s} s per iperf3 (one TCP flow) and wrk "
         f"({settings.connections} connections) run; {settings.idle_flows} idle flows; "
         f"uproxy --workers {settings.workers}, haproxy nbthread {settings.workers}; "
+        "uproxy at --log-level warning, uproxy-default-logging at serve's default; "
         "each relay on a fresh lab; one shared host, so ratios only",
         _figures_table(report.results),
         _ratios_table(report.results),

@@ -2,7 +2,8 @@
 
 The library attaches each flow event to its log record (``record.flow_event``); the JSON
 formatter turns it into fields, so a flow's end is an object with ``"event": "flow_close"``,
-addresses as ``"ip:port"``, byte counts and the duration, ready for jq or a log pipeline.
+addresses as ``"ip:port"``, byte counts, the duration and whether interceptors ran, ready for
+jq or a log pipeline.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def event_fields(event: FlowEvent) -> dict[str, Any]:
         fields["connect_s"] = round(event.connect_s, 6)
     elif isinstance(event, UpstreamFailed | FlowRefused):
         fields["reason"] = event.reason
+        if isinstance(event, UpstreamFailed):
+            fields["detail"] = event.detail
     elif isinstance(event, HalfClosed):
         fields["side"] = event.side
     elif isinstance(event, InterceptorFailed):
@@ -76,6 +79,7 @@ def event_fields(event: FlowEvent) -> dict[str, Any]:
         fields["bytes_client_to_server"] = event.bytes_client_to_server
         fields["bytes_server_to_client"] = event.bytes_server_to_client
         fields["duration_s"] = round(event.duration_s, 6)
+        fields["intercepted"] = event.intercepted
     return fields
 
 

@@ -1,8 +1,10 @@
 """The benchmark of issue 4: the same traffic through each relay, one after another.
 
 The relays are the kernel forwarding on its own (a plain router: the floor every proxy is
-measured against), HAProxy in transparent mode (the established user-space proxy), and
-``uproxy serve`` without and with an identity interceptor. Each gets the same measurements:
+measured against), HAProxy in transparent mode (the established user-space proxy),
+``uproxy serve`` without and with an identity interceptor (both at ``--log-level warning``, so
+their figures are the relay's, not the logging's), and ``uproxy serve`` at its default level,
+a log line per flow, as a user who passes no option runs it. Each gets the same measurements:
 one bulk TCP flow each way (iperf3), small HTTP requests over kept-alive connections and with
 a new connection per request (wrk against nginx), and, for uproxy, the memory an idle flow
 costs. Each relay gets a fresh lab with its own nginx and iperf3 server, so none inherits
@@ -27,7 +29,7 @@ from ._nginx import running_nginx
 from ._packages import ensure_packages
 from ._rules import TproxySetup
 from ._services import Service, kill_everything_in
-from ._uproxy import running_uproxy
+from ._uproxy import BENCH_LOG_LEVEL, running_uproxy
 from ._wrk import HttpResult, measure_http
 
 # Server ports, all inside the intercepted range; the proxy listens on 127.0.0.1:9091.
@@ -62,11 +64,25 @@ class Relay(StrEnum):
     KERNEL = "kernel"
     HAPROXY = "haproxy"
     UPROXY = "uproxy"
+    UPROXY_DEFAULT_LOGGING = "uproxy-default-logging"
+    """uproxy as ``uproxy`` is, at serve's default log level instead of ``warning``."""
     UPROXY_IDENTITY = "uproxy-identity"
 
     @property
     def is_uproxy(self) -> bool:
+        return self in (Relay.UPROXY, Relay.UPROXY_DEFAULT_LOGGING, Relay.UPROXY_IDENTITY)
+
+    @property
+    def measures_idle(self) -> bool:
+        """Whether the proxy's memory per idle flow is measured. Not for
+        uproxy-default-logging: an idle flow logs nothing before it closes, so its memory is
+        ``uproxy``'s, and holding thousands of flows would only lengthen the run."""
         return self in (Relay.UPROXY, Relay.UPROXY_IDENTITY)
+
+
+def uproxy_log_level(relay: Relay) -> str | None:
+    """uproxy's ``--log-level`` in ``relay``; ``None`` leaves serve's default."""
+    return None if relay is Relay.UPROXY_DEFAULT_LOGGING else BENCH_LOG_LEVEL
 
 
 def rules_for(relay: Relay, settings: BenchSettings) -> TproxySetup | None:
@@ -109,7 +125,7 @@ class RelayResult:
     keep_alive: HttpResult
     new_connection: HttpResult
     idle: IdleResult | None
-    """Measured for uproxy only."""
+    """Measured for uproxy only (``Relay.measures_idle``)."""
     lab: str
     """The lab's tag: its namespaces were ``TAG-client``, ``TAG-proxy``, ``TAG-server``."""
     pids: tuple[int, ...]
@@ -176,7 +192,7 @@ def _bench_relay(
         keep_alive = _wrk(lab, settings, keep_alive=True)
         new_connection = _wrk(lab, settings, keep_alive=False)
         idle = None
-        if relay.is_uproxy and proxy is not None:
+        if relay.measures_idle and proxy is not None:
             progress(f"{relay}: {settings.idle_flows} idle flows")
             idle = measure_idle_flows(
                 lab.client, lab.server, SERVER_V4, IDLE_PORT, settings.idle_flows, proxy.pid
@@ -228,5 +244,6 @@ def _running_relay(lab: Lab, relay: Relay, workdir: Path, workers: int) -> Itera
         interceptors,
         name=str(relay),
         workers=workers,
+        log_level=uproxy_log_level(relay),
     ) as proxy:
         yield proxy

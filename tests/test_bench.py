@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 from lab_tools import uproxy_command
 
-from uproxy_netns import Lab, Namespace
+from uproxy_netns import Lab, Namespace, Relay
+from uproxy_netns._bench import uproxy_log_level
 from uproxy_netns._services import kill_everything_in
+from uproxy_netns._uproxy import uproxy_serve_argv
 
 # Whole seconds per iperf3 and wrk run, and idle flows: enough to measure, quick to run.
 TINY = ["--duration", "1", "--idle-flows", "200"]
@@ -60,13 +62,18 @@ def assert_measured(figures: dict[str, Any]) -> None:
 def test_two_benches_at_once_measure_every_relay_and_leave_nothing_behind() -> None:
     # Two at once: their labs, daemons and files must not meet.
     first = start_bench(*TINY, "--relay", "kernel", "--relay", "uproxy", "--json")
-    second = start_bench(*TINY, "--relay", "haproxy", "--relay", "uproxy-identity", "--json")
+    second = start_bench(
+        *TINY,
+        *("--relay", "uproxy-identity", "--relay", "haproxy"),
+        *("--relay", "uproxy-default-logging", "--json"),
+    )
     reports = [finish(first), finish(second)]
 
     assert list(reports[0]["results"]) == ["kernel", "uproxy"]
-    assert list(reports[1]["results"]) == ["haproxy", "uproxy-identity"]
+    # In bench order, whatever order --relay gave.
+    assert list(reports[1]["results"]) == ["haproxy", "uproxy-default-logging", "uproxy-identity"]
     labs = [figures["lab"] for report in reports for figures in report["results"].values()]
-    assert len(set(labs)) == 4, "each relay of each bench gets a lab of its own"
+    assert len(set(labs)) == 5, "each relay of each bench gets a lab of its own"
     for report in reports:
         for figures in report["results"].values():
             assert_measured(figures)
@@ -88,6 +95,28 @@ def test_two_benches_at_once_measure_every_relay_and_leave_nothing_behind() -> N
     ratio = uproxy["ratios"]["kernel"]["keep_alive"]
     expected = uproxy["keep_alive"]["requests_per_s"] / kernel["keep_alive"]["requests_per_s"]
     assert ratio == pytest.approx(expected)
+    # uproxy at serve's default log level is measured and compared like uproxy, idle aside.
+    logged = reports[1]["results"]["uproxy-default-logging"]
+    assert logged["idle"] is None
+    assert "! --syn" not in logged["rules"]
+    ratio = logged["ratios"]["haproxy"]["new_connection"]
+    haproxy = reports[1]["results"]["haproxy"]
+    expected = (
+        logged["new_connection"]["requests_per_s"] / haproxy["new_connection"]["requests_per_s"]
+    )
+    assert ratio == pytest.approx(expected)
+
+
+def test_only_uproxy_default_logging_runs_serve_at_its_default_log_level() -> None:
+    levels = {relay: uproxy_log_level(relay) for relay in Relay if relay.is_uproxy}
+    assert levels == {
+        Relay.UPROXY: "warning",
+        Relay.UPROXY_DEFAULT_LOGGING: None,
+        Relay.UPROXY_IDENTITY: "warning",
+    }
+    quiet = uproxy_serve_argv("127.0.0.1", 9091, [], log_level="warning")
+    assert quiet[quiet.index("--log-level") + 1] == "warning"
+    assert "--log-level" not in uproxy_serve_argv("127.0.0.1", 9091, [], log_level=None)
 
 
 @pytest.mark.lab

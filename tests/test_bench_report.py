@@ -69,20 +69,38 @@ def row_of(lines: list[str], start: str) -> list[str]:
 def test_table_shows_figures_ratios_idle_memory_and_rules() -> None:
     idle = IdleResult(flows=1000, rss_before_kib=30000, rss_after_kib=40000, relayed=1000)
     report = BenchReport(
-        BenchSettings(relays=(Relay.KERNEL, Relay.HAPROXY, Relay.UPROXY)),
+        BenchSettings(
+            relays=(Relay.KERNEL, Relay.HAPROXY, Relay.UPROXY, Relay.UPROXY_DEFAULT_LOGGING)
+        ),
         results=(
             result(Relay.KERNEL, 1.0),
             result(Relay.HAPROXY, 0.5),
             result(Relay.UPROXY, 0.25, idle),
+            result(Relay.UPROXY_DEFAULT_LOGGING, 0.2),
         ),
     )
     text = format_report(report)
+    assert "uproxy at --log-level warning, uproxy-default-logging at serve's default" in text
     lines = text.splitlines()[1:]  # below the title, which starts "uproxy bench: "
     figures = ["2.50", "2.00", "10000", "2000", "10.00"]
     assert row_of(lines, "uproxy ") == ["uproxy", *figures, "uproxy", "rules"]
     assert row_of(lines, "uproxy / kernel")[3:] == ["0.25"] * 4
     assert row_of(lines, "uproxy / haproxy")[3:] == ["0.50"] * 4
+    # uproxy at serve's default log level: a row of its own, ratios of its own, no idle figure.
+    logging_figures = ["2.00", "1.60", "8000", "1600", "-"]
+    assert row_of(lines, "uproxy-default-logging ") == [
+        "uproxy-default-logging",
+        *logging_figures,
+        "uproxy-default-logging",
+        "rules",
+    ]
+    assert row_of(lines, "uproxy-default-logging / kernel")[3:] == ["0.20"] * 4
+    assert row_of(lines, "uproxy-default-logging / haproxy")[3:] == ["0.40"] * 4
     assert "30000 -> 40000 KiB (10.00 KiB per flow); 1000/1000 then relayed" in text
+    assert "idle flows, uproxy-default-logging" not in text
     assert "wrk errors: none" in text
-    ratios = report_as_json(report)["results"]["uproxy"]["ratios"]
-    assert ratios["haproxy"]["new_connection"] == pytest.approx(0.5)
+    results = report_as_json(report)["results"]
+    assert results["uproxy"]["ratios"]["haproxy"]["new_connection"] == pytest.approx(0.5)
+    logged = results["uproxy-default-logging"]
+    assert logged["ratios"]["haproxy"]["new_connection"] == pytest.approx(0.4)
+    assert logged["idle"] is None

@@ -128,9 +128,103 @@ async def test_json_logs_are_one_object_per_line(lab: Lab, cli_proxy: CliProxy) 
     assert bulk["server"] == "198.51.100.2:9090"
     assert bulk["bytes_client_to_server"] == bulk["bytes_server_to_client"] == size
     assert isinstance(bulk["duration_s"], float)
+    assert [entry["intercepted"] for entry in closes] == [False] * 3
     assert {entry["level"] for entry in entries} <= {"info", "warning"}
     failed = next(entry for entry in entries if entry.get("event") == "upstream_failed")
     assert failed["reason"] == "refused"
+    assert failed["detail"].startswith("cannot connect to 198.51.100.2:9092: econnrefused")
+    # By default the steps of a flow's life are not logged; its close and failures are.
+    events = {entry["event"] for entry in entries if "event" in entry}
+    assert events == {"flow_close", "upstream_failed"}
+
+
+async def test_json_flow_close_says_interceptors_ran(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start("--log-format", "json", "--interceptor", "uproxy_netns.interceptors:identity")
+    await one_flow(lab, b"short")
+    assert cli_proxy.stop() == 0
+    entries = [json.loads(line) for line in cli_proxy.log.splitlines()]
+    (closed,) = [entry for entry in entries if entry.get("event") == "flow_close"]
+    assert closed["bytes_client_to_server"] == 5
+    assert closed["intercepted"] is True
+
+
+async def one_flow(lab: Lab, payload: bytes) -> None:
+    """One echoed flow through the proxy, closed cleanly by the client first."""
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(20):
+            client = await connect(lab.client, SERVER_V4, 9090)
+            with client:
+                await send_all(client, payload)
+                client.shutdown(socket.SHUT_WR)
+                assert await recv_until_eof(client) == payload
+        nursery.cancel_scope.cancel()
+
+
+def flow_lines(log: str) -> list[str]:
+    """The lines of the ``uproxy_trio.flow`` logger, from ``LEVEL`` on."""
+    marker = " uproxy_trio.flow: "
+    return [line.split(" ", 2)[2] for line in log.splitlines() if marker in line]
+
+
+# The default access-log line: who, where to, how it ended, bytes each way, how long, and
+# whether interceptors ran.
+CLOSE_LINE = (
+    r"INFO uproxy_trio\.flow: flow (?P<flow>\d+) close reason=(?P<reason>\w+) "
+    r"client=192\.0\.2\.2:\d+ server=198\.51\.100\.2:(?P<port>\d+) first=(?P<first>\w+|-) "
+    r"client_to_server=(?P<up>\d+) server_to_client=(?P<down>\d+) duration=\d+\.\d{3}s "
+    r"intercepted=false"
+)
+
+
+async def test_by_default_a_flow_is_one_line_written_at_its_close(
+    lab: Lab, cli_proxy: CliProxy
+) -> None:
+    cli_proxy.start()
+    size = await one_of_each(lab)
+    assert cli_proxy.stop() == 0
+    lines = flow_lines(cli_proxy.log)
+    # Three flows, three lines at their close; the refused upstream adds its warning.
+    assert len(lines) == 4, "\n".join(lines)
+    assert re.fullmatch(
+        r"WARNING uproxy_trio\.flow: flow 3 upstream 198\.51\.100\.2:9092 failed: refused: "
+        r"cannot connect to 198\.51\.100\.2:9092: econnrefused \(Connection refused\); "
+        r"resetting client",
+        lines[2],
+    )
+    closes = [re.fullmatch(CLOSE_LINE, line) for line in (lines[0], lines[1], lines[3])]
+    assert all(closes), "\n".join(lines)
+    figures = [
+        (m["flow"], m["reason"], m["port"], m["first"], int(m["up"]), int(m["down"]))
+        for m in closes
+        if m is not None
+    ]
+    assert figures == [
+        ("1", "closed", "9090", "client", size, size),
+        ("2", "closed", "9090", "client", 5, 5),
+        ("3", "upstream_refused", "9092", "-", 0, 0),
+    ]
+
+
+async def test_at_debug_the_steps_of_a_flow_are_logged_too(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start("--log-level", "debug")
+    await one_flow(lab, b"short")
+    assert cli_proxy.stop() == 0
+    lines = flow_lines(cli_proxy.log)
+    assert len(lines) == 5, "\n".join(lines)
+    assert re.fullmatch(
+        r"DEBUG uproxy_trio\.flow: flow 1 open client=192\.0\.2\.2:\d+ "
+        r"server=198\.51\.100\.2:9090",
+        lines[0],
+    )
+    assert re.fullmatch(r"DEBUG uproxy_trio\.flow: flow 1 upstream connected in [\d.]+s", lines[1])
+    # The client's FIN goes first; the echo server's follows it.
+    assert lines[2:4] == [
+        "DEBUG uproxy_trio.flow: flow 1 client closed its side",
+        "DEBUG uproxy_trio.flow: flow 1 server closed its side",
+    ]
+    assert re.fullmatch(CLOSE_LINE, lines[4])
 
 
 @pytest.mark.parametrize(

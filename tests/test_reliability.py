@@ -99,7 +99,8 @@ async def test_a_flow_still_connecting_at_the_end_of_grace_is_reset(
     lab: Lab, cli_proxy: CliProxy
 ) -> None:
     with silent_server_port(lab, 9095):
-        cli_proxy.start("--grace", "0.5", "--connect-timeout", "60")
+        # At debug, to see the flow open.
+        cli_proxy.start("--grace", "0.5", "--connect-timeout", "60", "--log-level", "debug")
         with trio.fail_after(20):
             client = await connect(lab.client, SERVER_V4, 9095)
             cli_proxy.wait_for_log("flow 1 open")
@@ -234,7 +235,7 @@ async def test_no_descriptor_for_the_outgoing_socket_resets_that_client_only(
             with pytest.raises(ConnectionResetError):
                 await recv_until_eof(starved)
             starved.close()
-            cli_proxy.wait_for_log("failed (no_resources): cannot open the outgoing socket: emfile")
+            cli_proxy.wait_for_log("failed: no_resources: cannot open the outgoing socket: emfile")
             subprocess.run(
                 ["prlimit", f"--pid={cli_proxy.pid}", f"--nofile={roomy}:{roomy}"], check=True
             )

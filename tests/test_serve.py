@@ -44,13 +44,15 @@ async def test_server_sees_the_client_and_the_client_sees_the_server(
         for sock in (client, server, listener):
             sock.close()
     assert cli_proxy.stop() == 0
-    # The flow's life is in the log: who, where to, and how it ended.
+    # The flow's life is one line at its close: who, where to, and how it ended.
     port = peer[1]
     client_text = f"[{client_ip}]:{port}" if ":" in client_ip else f"{client_ip}:{port}"
     server_text = f"[{server_ip}]:9090" if ":" in server_ip else f"{server_ip}:9090"
-    assert f"flow 1 open client={client_text} server={server_text}" in cli_proxy.log
-    assert "flow 1 upstream connected" in cli_proxy.log
-    assert re.search(r"flow 1 close reason=\w+ .*client_to_server=5 ", cli_proxy.log)
+    assert re.search(
+        rf"flow 1 close reason=\w+ client={re.escape(client_text)} "
+        rf"server={re.escape(server_text)} .*client_to_server=5 ",
+        cli_proxy.log,
+    )
 
 
 @pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
@@ -120,7 +122,7 @@ async def test_connect_timeout_resets_a_client_whose_server_is_silent(
         client.close()
     assert 0.4 <= waited < 3
     assert cli_proxy.stop() == 0
-    assert "failed (timeout): no answer in time; resetting client" in cli_proxy.log
+    assert "failed: timeout: no answer in time; resetting client" in cli_proxy.log
 
 
 async def test_200_concurrent_flows_each_get_their_own_bytes_back(
