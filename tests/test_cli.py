@@ -83,7 +83,7 @@ def test_rules_help_shows_every_default_and_none_for_interfaces_or_ports() -> No
         (
             ["bench"],
             ["--uproxy-syn-to-tproxy", "--json", "--help"],
-            {"--relay": "[kernel|haproxy|uproxy|uproxy-identity]"},
+            {"--relay": "[kernel|haproxy|uproxy|uproxy-default-logging|uproxy-identity]"},
         ),
         (["lab", "up"], ["--help"], {}),
     ],

@@ -1,7 +1,7 @@
 """Interceptors without sockets: built-ins against their specifications, chains in onion order.
 
-The relay drives a direction's chain exactly as ``drive`` does here (``build_chain`` inside an
-``AsyncExitStack``), so what holds here holds per direction in a flow.
+``drive`` runs a direction's chain through the relay's own ``run_chain``, with a list for the
+source and the sink, so what holds here holds per direction in a flow.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack
 
 import pytest
 import trio
@@ -18,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uproxy_trio import Direction, Flow, Interceptor, directions, in_own_task
-from uproxy_trio._interceptor import build_chain, chain_for
+from uproxy_trio._interceptor import chain_for, run_chain
 from uproxy_trio.interceptors import (
     delay,
     format_hexdump,
@@ -36,15 +35,20 @@ C2S, S2C = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
 async def drive(
     interceptors: Sequence[Interceptor], direction: Direction, chunks: Sequence[bytes]
 ) -> list[bytes]:
+    """What the relay does with a direction's chain (``run_chain``), over ``chunks``."""
+
     async def source() -> AsyncIterator[bytes]:
         for chunk in chunks:
             yield chunk
 
-    async with AsyncExitStack() as stack:
-        stream = await build_chain(
-            stack, FLOW, direction, chain_for(interceptors, direction), source()
-        )
-        return [bytes(chunk) async for chunk in stream]
+    delivered: list[bytes] = []
+
+    async def deliver(chunk: bytes) -> bool:
+        delivered.append(bytes(chunk))
+        return True
+
+    await run_chain(FLOW, direction, chain_for(interceptors, direction), source(), deliver)
+    return delivered
 
 
 def run(

@@ -31,13 +31,12 @@ import socket
 import struct
 import termios
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack
 
 import trio
 
 from ._ending import EndKind
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor, build_chain
+from ._interceptor import Interceptor, run_chain
 from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, Turn, bit
 from ._splice import SPLICE_FLAGS, Pipe, PipePool
 
@@ -375,11 +374,8 @@ class Way(DirectionState):
         """Move this direction through ``chain`` until it ends; how it ended, and what the
         chain raised if that was the end."""
         try:
-            async with AsyncExitStack() as generators:
-                chunks = await build_chain(generators, flow, self.direction, chain, self.chunks())
-                async for chunk in chunks:
-                    if chunk and not await self.send_all(chunk):
-                        return _SINK_RESET, None
+            if not await run_chain(flow, self.direction, chain, self.chunks(), self.send_all):
+                return _SINK_RESET, None
         except Exception as exc:  # noqa: BLE001 - whatever an interceptor raises ends its flow only
             # The source's reset reached the chain as an exception, which an interceptor may
             # even have swallowed: the reset is what ended the direction, not the interceptor.

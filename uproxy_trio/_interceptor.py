@@ -19,7 +19,7 @@ hold a nursery or a cancel scope across ``yield``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, TypeAlias, TypeVar, cast
 
@@ -109,6 +109,27 @@ async def build_chain(
             stream = interceptor(flow, direction, stream)
             _close_with(stack, stream)
     return stream
+
+
+async def run_chain(
+    flow: Flow,
+    direction: Direction,
+    chain: Sequence[Interceptor],
+    source: AsyncIterator[bytes],
+    deliver: Callable[[bytes], Awaitable[bool]],
+) -> bool:
+    """Drive one direction's ``chain`` over ``source`` to its end, handing every chunk it
+    yields to ``deliver``; false as soon as ``deliver`` says the sink is gone.
+
+    Empty chunks are not delivered: an interceptor may yield ``b""`` to say "nothing now".
+    Every generator is closed when this returns or raises, whatever the reason.
+    """
+    async with AsyncExitStack() as generators:
+        chunks = await build_chain(generators, flow, direction, chain, source)
+        async for chunk in chunks:
+            if chunk and not await deliver(chunk):
+                return False
+    return True
 
 
 def _close_with(stack: AsyncExitStack, stream: AsyncIterator[bytes]) -> None:
