@@ -7,7 +7,6 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -18,12 +17,12 @@ from typing import Any
 
 import pytest
 import trio
+from cli_tools import PROXY_LISTEN_ADDRESSES, PROXY_PORT, listen_args, uproxy_argv
 
 import uproxy_trio
 from uproxy_netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, Lab, Namespace
 from uproxy_trio import FlowEvent
 
-PROXY_PORT = 9091
 PROXY_LISTEN = [("127.0.0.1", PROXY_PORT), ("::1", PROXY_PORT)]
 
 # (client_ip, server_ip) for tests that must hold for both IP versions.
@@ -213,10 +212,9 @@ async def run_library_proxy(
         task_status.started()
 
 
-def uproxy_command() -> list[str]:
-    """The installed console script, next to the interpreter running the tests."""
-    script = Path(sys.executable).parent / "uproxy"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "uproxy_cli"]
+def listeners(namespace: Namespace, port: int = PROXY_PORT) -> int:
+    """How many sockets listen on TCP ``port`` in ``namespace`` (a proxy's, its workers')."""
+    return len(namespace.run(["ss", "-Hltn", f"sport = :{port}"]).splitlines())
 
 
 class CliProxy:
@@ -235,18 +233,19 @@ class CliProxy:
     def start(
         self,
         *args: str,
-        listen: tuple[str, str] = ("127.0.0.1:9091", "[::1]:9091"),
+        listen: Sequence[str] = PROXY_LISTEN_ADDRESSES,
         ready_timeout: float = 20,
         wrap: Sequence[str] = (),
     ) -> None:
         """Start ``uproxy serve`` on both ``listen`` addresses with ``args``; ``wrap`` is a
         command prefix (``setpriv ...``) run inside the proxy namespace."""
-        listen_args = [arg for address in listen for arg in ("--listen", address)]
-        argv = self.lab.proxy.exec_argv([*wrap, *uproxy_command(), "serve", *listen_args, *args])
+        argv = uproxy_argv(
+            "serve", *listen_args(listen), *args, namespace=self.lab.proxy, wrap=wrap
+        )
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + ready_timeout
-        # Ready means both listeners are up, whatever --log-level hides.
-        while len(self.lab.proxy.run(["ss", "-Hltn", f"sport = :{PROXY_PORT}"]).splitlines()) < 2:
+        # Ready means every listener is up, whatever --log-level hides.
+        while listeners(self.lab.proxy) < len(listen):
             if self.process.poll() is not None:
                 raise AssertionError(f"uproxy serve exited {self.process.returncode}:\n{self.log}")
             if time.monotonic() > deadline:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_tools import uproxy_command
+from cli_tools import run_uproxy, uproxy_argv
 
 from uproxy_netns import Lab, Namespace
 from uproxy_netns._services import kill_everything_in
@@ -24,7 +24,7 @@ ROLES = ("client", "proxy", "server")
 
 def start_bench(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*uproxy_command(), "bench", *args],
+        uproxy_argv("bench", *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -163,9 +163,7 @@ def processes_under(workdir: str) -> list[int]:
     ],
 )
 def test_bad_bench_options_are_one_line_and_exit_2(args: list[str], message: str) -> None:
-    done = subprocess.run(
-        [*uproxy_command(), "bench", *args], capture_output=True, text=True, check=False
-    )
+    done = run_uproxy("bench", *args)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
-from lab_tools import uproxy_command
-
-
-def run_uproxy(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*uproxy_command(), *args], capture_output=True, text=True, timeout=60, check=False
-    )
+from cli_tools import run_uproxy
 
 
 def test_version() -> None:
@@ -115,13 +108,8 @@ def test_every_command_has_help_with_an_example(command: list[str], env_vars: li
 
 
 def test_rules_options_come_from_the_environment() -> None:
-    done = subprocess.run(
-        [*uproxy_command(), "rules"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"UPROXY_BACKEND": "iptables", "UPROXY_PORT": "8080", "COLUMNS": "200"},
+    done = run_uproxy(
+        "rules", env={"UPROXY_BACKEND": "iptables", "UPROXY_PORT": "8080", "COLUMNS": "200"}
     )
     assert done.returncode == 0, done.stderr
     assert "-A UPROXY_PREROUTING -i ens6 -p tcp --dport 8080 " in done.stdout

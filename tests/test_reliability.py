@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import trio
+from cli_tools import NO_CAPABILITIES, run_uproxy
 from lab_tools import (
     CliProxy,
     EventLog,
@@ -19,6 +20,7 @@ from lab_tools import (
     echo_server,
     eventually,
     listen,
+    listeners,
     open_flow,
     raise_own_fd_limit,
     recv_exactly,
@@ -26,7 +28,6 @@ from lab_tools import (
     run_library_proxy,
     send_all,
     silent_server_port,
-    uproxy_command,
 )
 
 from uproxy_netns import (
@@ -41,10 +42,6 @@ from uproxy_trio._splice import POOL_KEEP
 from uproxy_trio._transparent import IP_TRANSPARENT
 
 pytestmark = pytest.mark.lab
-
-
-def listeners_in(lab: Lab, port: int = 9091) -> int:
-    return len(lab.proxy.run(["ss", "-Hltn", f"sport = :{port}"]).splitlines())
 
 
 async def roundtrip(sock: trio.socket.SocketType, data: bytes = b"ping") -> None:
@@ -67,7 +64,7 @@ async def test_drain_closes_listeners_at_once_and_lets_flows_finish(
             await roundtrip(client)
             cli_proxy.send(signal.SIGTERM)
             cli_proxy.wait_for_log("SIGTERM received: draining 1 flows")
-            await eventually(lambda: listeners_in(lab) == 0)
+            await eventually(lambda: listeners(lab.proxy) == 0)
             # The flow in flight goes on after the listeners are gone, both ways.
             await roundtrip(client, b"after the signal")
             client.shutdown(socket.SHUT_WR)
@@ -420,13 +417,7 @@ async def test_1000_concurrent_flows_of_256_kib_are_byte_exact(
 
 
 def test_without_cap_net_admin_it_says_so_in_one_line(lab: Lab, cli_proxy: CliProxy) -> None:
-    no_capabilities = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
-    done = subprocess.run(
-        lab.proxy.exec_argv([*no_capabilities, *uproxy_command(), "serve"]),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_uproxy("serve", namespace=lab.proxy, wrap=NO_CAPABILITIES)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("uproxy: error: ")
@@ -463,12 +454,7 @@ async def test_user_option_drops_to_that_user_with_net_admin_only(
     ],
 )
 def test_bad_lifecycle_options_are_usage_errors(lab: Lab, args: list[str], message: str) -> None:
-    done = subprocess.run(
-        lab.proxy.exec_argv([*uproxy_command(), "serve", *args]),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_uproxy("serve", *args, namespace=lab.proxy)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
     assert message in done.stderr

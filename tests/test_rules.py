@@ -13,25 +13,18 @@ import time
 
 import pytest
 import trio
-from lab_tools import CliProxy, connect, listen, recv_until_eof, send_all, uproxy_command
+from cli_tools import LISTEN_BOTH, run_uproxy
+from lab_tools import CliProxy, connect, listen, recv_until_eof, send_all
 
 from uproxy_netns import SERVER_V4, Lab, Namespace, TproxySetup
 
 BACKENDS = ["nft", "iptables"]
-LISTEN_BOTH = ["--listen", "127.0.0.1:9091", "--listen", "[::1]:9091"]
 
 # Churn: more flows than the client has source ports, so every port comes back several times
 # while the proxy still holds the TIME_WAIT of its last flow (60 s).
 CHURN_FLOWS = 3000
 CHURN_CLIENT_PORTS = (20000, 20499)
 CHURN_CONCURRENCY = 50
-
-
-def run_uproxy(*args: str, namespace: Namespace | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [*uproxy_command(), *args]
-    if namespace is not None:
-        argv = namespace.exec_argv(argv)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_nft_rules_send_bare_syns_to_tproxy_and_everything_else_by_socket() -> None:

@@ -6,10 +6,10 @@ import os
 import re
 import signal
 import socket
-import subprocess
 
 import pytest
 import trio
+from cli_tools import run_uproxy
 from lab_tools import (
     ADDRESSES,
     CliProxy,
@@ -21,7 +21,6 @@ from lab_tools import (
     recv_until_eof,
     send_all,
     silent_server_port,
-    uproxy_command,
 )
 
 from uproxy_netns import SERVER_V4, Lab
@@ -171,12 +170,7 @@ def test_signal_stops_the_server_cleanly(lab: Lab, cli_proxy: CliProxy, sig: int
 
 def test_address_in_use_is_one_line_and_exit_1(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start()
-    done = subprocess.run(
-        lab.proxy.exec_argv([*uproxy_command(), "serve", "--listen", "127.0.0.1:9091"]),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_uproxy("serve", "--listen", "127.0.0.1:9091", namespace=lab.proxy)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "uproxy: error: cannot listen on 127.0.0.1:9091: address already in use"

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import trio
+from cli_tools import run_uproxy
 from lab_tools import (
     CliProxy,
     connect,
     echo_server,
     eventually,
     listen,
+    listeners,
     recv_exactly,
     send_all,
-    uproxy_command,
 )
 
 from uproxy_netns import SERVER_V4, Lab
@@ -32,10 +33,6 @@ def children(pid: int) -> list[int]:
 
 def gone(pids: list[int]) -> bool:
     return all(not Path(f"/proc/{pid}").exists() for pid in pids)
-
-
-def listening(lab: Lab) -> int:
-    return len(lab.proxy.run(["ss", "-Hltn", "sport = :9091"]).splitlines())
 
 
 async def flows_through(lab: Lab, count: int) -> None:
@@ -57,7 +54,7 @@ async def flows_through(lab: Lab, count: int) -> None:
 
 async def test_two_workers_share_the_flows_and_stop_together(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start("--workers", "2")
-    await eventually(lambda: listening(lab) == 4)  # two per address
+    await eventually(lambda: listeners(lab.proxy) == 4)  # two per address
     workers = children(cli_proxy.pid)
     assert len(workers) == 2
     await flows_through(lab, 200)
@@ -71,26 +68,19 @@ async def test_two_workers_share_the_flows_and_stop_together(lab: Lab, cli_proxy
 
 async def test_a_dead_worker_is_restarted_loudly(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start("--workers", "2")
-    await eventually(lambda: listening(lab) == 4)
+    await eventually(lambda: listeners(lab.proxy) == 4)
     victim = children(cli_proxy.pid)[0]
     subprocess.run(["kill", "-9", str(victim)], check=True)
     cli_proxy.wait_for_log("exited with code -9 on its own")
     cli_proxy.wait_for_log("restarting worker")
-    await eventually(lambda: listening(lab) == 4 and victim not in children(cli_proxy.pid))
+    await eventually(lambda: listeners(lab.proxy) == 4 and victim not in children(cli_proxy.pid))
     await flows_through(lab, 50)
     assert cli_proxy.stop() == 0
 
 
 def test_a_bind_error_is_reported_once(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start()
-    done = subprocess.run(
-        lab.proxy.exec_argv(
-            [*uproxy_command(), "serve", "--listen", "127.0.0.1:9091", "--workers", "2"]
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_uproxy("serve", "--listen", "127.0.0.1:9091", "--workers", "2", namespace=lab.proxy)
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("uproxy: error")]
     assert errors == ["uproxy: error: cannot listen on 127.0.0.1:9091: address already in use"]
@@ -98,9 +88,7 @@ def test_a_bind_error_is_reported_once(lab: Lab, cli_proxy: CliProxy) -> None:
 
 @pytest.mark.parametrize("value", ["0", "many", "-1"])
 def test_bad_worker_counts_are_usage_errors(value: str) -> None:
-    done = subprocess.run(
-        [*uproxy_command(), "serve", "--workers", value], capture_output=True, text=True, timeout=60
-    )
+    done = run_uproxy("serve", "--workers", value)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"uproxy: error: Invalid value for '--workers': '{value}' is not a number of workers "
