@@ -10,8 +10,8 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +89,23 @@ def silent_server_port(lab: Lab, port: int) -> Iterator[None]:
         lab.server.run(["iptables", "-D", *rule])
 
 
+@asynccontextmanager
 async def open_flow(
     lab: Lab, server_ip: str, port: int = 9090
-) -> tuple[trio.socket.SocketType, trio.socket.SocketType, trio.socket.SocketType, Any]:
-    """A listener in the server namespace, a client connected to it through the proxy, and
-    the server's end: ``(listener, client, server, address the server saw)``."""
-    listener = await listen(lab.server, server_ip, port)
-    client = await connect(lab.client, server_ip, port)
-    server, peer = await listener.accept()
-    return listener, client, server, peer
+) -> AsyncIterator[tuple[trio.socket.SocketType, trio.socket.SocketType, Any]]:
+    """A client connected through the proxy to a listener in the server namespace, and the
+    server's end: ``(client, server, address the server saw)``.
+
+    The sockets and the listener are closed when the block ends, however it ends: a test
+    that fails must not leave the port bound for the tests after it.
+    """
+    with (
+        await listen(lab.server, server_ip, port) as listener,
+        await connect(lab.client, server_ip, port) as client,
+    ):
+        server, peer = await listener.accept()
+        with server:
+            yield client, server, peer
 
 
 async def connect_expecting_reset(ns: Namespace, host: str, port: int) -> None:

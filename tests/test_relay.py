@@ -42,22 +42,21 @@ async def test_flow_keeps_both_addresses_and_reports_its_life(
 ) -> None:
     lab = inside_proxy
     with trio.fail_after(10):
-        listener, client, server, peer = await open_flow(lab, server_ip)
-        # Neither end can tell the proxy is there.
-        assert peer[:2] == client.getsockname()[:2]
-        assert peer[0] == client_ip
-        assert client.getpeername()[:2] == (server_ip, 9090)
-        await send_all(client, b"ping")
-        assert await recv_exactly(server, 4) == b"ping"
-        await send_all(server, b"pong!")
-        assert await recv_exactly(client, 5) == b"pong!"
-        client.shutdown(socket.SHUT_WR)
-        assert await recv_until_eof(server) == b""
-        server.close()
-        assert await recv_until_eof(client) == b""
-        client.close()
-        listener.close()
-        (closed,) = await library_proxy.wait_for(FlowClosed)
+        async with open_flow(lab, server_ip) as (client, server, peer):
+            # Neither end can tell the proxy is there.
+            assert peer[:2] == client.getsockname()[:2]
+            assert peer[0] == client_ip
+            assert client.getpeername()[:2] == (server_ip, 9090)
+            await send_all(client, b"ping")
+            assert await recv_exactly(server, 4) == b"ping"
+            await send_all(server, b"pong!")
+            assert await recv_exactly(client, 5) == b"pong!"
+            client.shutdown(socket.SHUT_WR)
+            assert await recv_until_eof(server) == b""
+            server.close()
+            assert await recv_until_eof(client) == b""
+            client.close()
+            (closed,) = await library_proxy.wait_for(FlowClosed)
 
     flow = closed.flow
     assert flow.client == (client_ip, peer[1])
@@ -76,17 +75,16 @@ async def test_half_close_from_client_keeps_server_to_client_flowing(
     lab = inside_proxy
     request, response = b"GET / HTTP/1.0\r\n\r\n" * 1000, bytes(range(256)) * 4000
     with trio.fail_after(10):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        await send_all(client, request)
-        client.shutdown(socket.SHUT_WR)
-        # The server sees every request byte, then the EOF, while its own side is still open.
-        assert await recv_until_eof(server) == request
-        await send_all(server, response)
-        server.close()
-        assert await recv_until_eof(client) == response
-        client.close()
-        listener.close()
-        (closed,) = await library_proxy.wait_for(FlowClosed)
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            await send_all(client, request)
+            client.shutdown(socket.SHUT_WR)
+            # The server sees every request byte, then the EOF, while its own side is still open.
+            assert await recv_until_eof(server) == request
+            await send_all(server, response)
+            server.close()
+            assert await recv_until_eof(client) == response
+            client.close()
+            (closed,) = await library_proxy.wait_for(FlowClosed)
     assert (closed.reason, closed.first_closed) == ("closed", "client")
 
 
@@ -95,18 +93,17 @@ async def test_half_close_from_server_keeps_client_to_server_flowing(
 ) -> None:
     lab = inside_proxy
     with trio.fail_after(10):
-        listener, client, server, _ = await open_flow(lab, SERVER_V6)
-        await send_all(server, b"banner")
-        server.shutdown(socket.SHUT_WR)
-        assert await recv_until_eof(client) == b"banner"
-        # The client can still talk after the server's FIN, and the server still hears it.
-        await send_all(client, b"late words")
-        client.shutdown(socket.SHUT_WR)
-        assert await recv_until_eof(server) == b"late words"
-        server.close()
-        client.close()
-        listener.close()
-        (closed,) = await library_proxy.wait_for(FlowClosed)
+        async with open_flow(lab, SERVER_V6) as (client, server, _):
+            await send_all(server, b"banner")
+            server.shutdown(socket.SHUT_WR)
+            assert await recv_until_eof(client) == b"banner"
+            # The client can still talk after the server's FIN, and the server still hears it.
+            await send_all(client, b"late words")
+            client.shutdown(socket.SHUT_WR)
+            assert await recv_until_eof(server) == b"late words"
+            server.close()
+            client.close()
+            (closed,) = await library_proxy.wait_for(FlowClosed)
     assert (closed.reason, closed.first_closed) == ("closed", "server")
 
 
@@ -116,17 +113,18 @@ async def test_reset_on_one_side_resets_the_other(
 ) -> None:
     lab = inside_proxy
     with trio.fail_after(10):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        await send_all(client, b"x")
-        assert await recv_exactly(server, 1) == b"x"
-        aborting, survivor = (client, server) if resetting_side == "client" else (server, client)
-        reset_close(aborting)
-        # A reset must arrive as a reset, not as a clean FIN (recv returning b"").
-        with pytest.raises(ConnectionResetError):
-            await recv_until_eof(survivor)
-        survivor.close()
-        listener.close()
-        (closed,) = await library_proxy.wait_for(FlowClosed)
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            await send_all(client, b"x")
+            assert await recv_exactly(server, 1) == b"x"
+            aborting, survivor = (
+                (client, server) if resetting_side == "client" else (server, client)
+            )
+            reset_close(aborting)
+            # A reset must arrive as a reset, not as a clean FIN (recv returning b"").
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(survivor)
+            survivor.close()
+            (closed,) = await library_proxy.wait_for(FlowClosed)
     assert closed.reason == f"{resetting_side}_reset"
 
 

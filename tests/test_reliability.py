@@ -78,16 +78,14 @@ async def test_drain_closes_listeners_at_once_and_lets_flows_finish(
 async def test_flows_left_after_the_grace_period_are_reset(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start("--grace", "0.5")
     with trio.fail_after(20):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        await send_all(client, b"x")
-        assert await recv_exactly(server, 1) == b"x"
-        cli_proxy.send(signal.SIGINT)
-        with pytest.raises(ConnectionResetError):
-            await recv_until_eof(client)
-        with pytest.raises(ConnectionResetError):
-            await recv_until_eof(server)
-    for sock in (client, server, listener):
-        sock.close()
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            await send_all(client, b"x")
+            assert await recv_exactly(server, 1) == b"x"
+            cli_proxy.send(signal.SIGINT)
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(client)
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(server)
     assert cli_proxy.wait_exit() == 1
     assert "grace period over: resetting 1 flows" in cli_proxy.log
 
@@ -113,16 +111,14 @@ async def test_a_flow_still_connecting_at_the_end_of_grace_is_reset(
 async def test_a_second_signal_resets_at_once(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start("--grace", "600")
     with trio.fail_after(20):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        await send_all(client, b"x")
-        assert await recv_exactly(server, 1) == b"x"
-        cli_proxy.send(signal.SIGTERM)
-        cli_proxy.wait_for_log("draining 1 flows")
-        cli_proxy.send(signal.SIGTERM)
-        with pytest.raises(ConnectionResetError):
-            await recv_until_eof(client)
-    for sock in (client, server, listener):
-        sock.close()
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            await send_all(client, b"x")
+            assert await recv_exactly(server, 1) == b"x"
+            cli_proxy.send(signal.SIGTERM)
+            cli_proxy.wait_for_log("draining 1 flows")
+            cli_proxy.send(signal.SIGTERM)
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(client)
     assert cli_proxy.wait_exit() == 1
     assert "SIGTERM received again: resetting 1 flows" in cli_proxy.log
 

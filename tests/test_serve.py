@@ -34,14 +34,12 @@ async def test_server_sees_the_client_and_the_client_sees_the_server(
 ) -> None:
     cli_proxy.start()
     with trio.fail_after(10):
-        listener, client, server, peer = await open_flow(lab, server_ip)
-        assert peer[:2] == client.getsockname()[:2]
-        assert peer[0] == client_ip
-        assert client.getpeername()[:2] == (server_ip, 9090)
-        await send_all(client, b"hello")
-        assert await recv_exactly(server, 5) == b"hello"
-        for sock in (client, server, listener):
-            sock.close()
+        async with open_flow(lab, server_ip) as (client, server, peer):
+            assert peer[:2] == client.getsockname()[:2]
+            assert peer[0] == client_ip
+            assert client.getpeername()[:2] == (server_ip, 9090)
+            await send_all(client, b"hello")
+            assert await recv_exactly(server, 5) == b"hello"
     assert cli_proxy.stop() == 0
     # The flow's life is in the log: who, where to, and how it ended.
     port = peer[1]
@@ -61,22 +59,20 @@ async def test_32_mib_each_way_at_once_arrives_byte_exact(
     upload, download = os.urandom(size), os.urandom(size)
     received: dict[str, bytes] = {}
     with trio.fail_after(60):
-        listener, client, server, _ = await open_flow(lab, server_ip)
+        async with open_flow(lab, server_ip) as (client, server, _):
 
-        async def send_then_fin(sock: trio.socket.SocketType, data: bytes) -> None:
-            await send_all(sock, data)
-            sock.shutdown(socket.SHUT_WR)
+            async def send_then_fin(sock: trio.socket.SocketType, data: bytes) -> None:
+                await send_all(sock, data)
+                sock.shutdown(socket.SHUT_WR)
 
-        async def drain(name: str, sock: trio.socket.SocketType) -> None:
-            received[name] = await recv_until_eof(sock, limit=size)
+            async def drain(name: str, sock: trio.socket.SocketType) -> None:
+                received[name] = await recv_until_eof(sock, limit=size)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_then_fin, client, upload)
-            nursery.start_soon(send_then_fin, server, download)
-            nursery.start_soon(drain, "server", server)
-            nursery.start_soon(drain, "client", client)
-    for sock in (client, server, listener):
-        sock.close()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_then_fin, client, upload)
+                nursery.start_soon(send_then_fin, server, download)
+                nursery.start_soon(drain, "server", server)
+                nursery.start_soon(drain, "client", client)
     assert received["server"] == upload
     assert received["client"] == download
     assert cli_proxy.stop() == 0
@@ -88,15 +84,13 @@ async def test_label_marks_every_read_both_ways(lab: Lab, cli_proxy: CliProxy) -
     cli_proxy.start("--label", "<via uproxy>")
     label = b"<via uproxy>\n"
     with trio.fail_after(10):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        await send_all(client, b"hello")
-        client.shutdown(socket.SHUT_WR)
-        at_server = await recv_until_eof(server)
-        await send_all(server, b"world")
-        server.close()
-        at_client = await recv_until_eof(client)
-    client.close()
-    listener.close()
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            await send_all(client, b"hello")
+            client.shutdown(socket.SHUT_WR)
+            at_server = await recv_until_eof(server)
+            await send_all(server, b"world")
+            server.close()
+            at_client = await recv_until_eof(client)
     # Each read got exactly one label at its end; the bytes between labels are the original.
     for original, seen in ((b"hello", at_server), (b"world", at_client)):
         assert seen.endswith(label)

@@ -82,16 +82,14 @@ async def test_a_direction_no_interceptor_touches_is_spliced_beside_one_that_is_
     cli_proxy.start("--interceptor", f"{interceptor}:upload_only")
     download = os.urandom(8 << 20)
     with trio.fail_after(30):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_all, server, download)
-            assert await recv_exactly(client, len(download)) == download
-        # The download went through pipes (the pool keeps them); the upload still works.
-        assert cli_proxy.open_pipes() > 0
-        await send_all(client, b"up")
-        assert await recv_exactly(server, 2) == b"up"
-    for sock in (client, server, listener):
-        sock.close()
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all, server, download)
+                assert await recv_exactly(client, len(download)) == download
+            # The download went through pipes (the pool keeps them); the upload still works.
+            assert cli_proxy.open_pipes() > 0
+            await send_all(client, b"up")
+            assert await recv_exactly(server, 2) == b"up"
     assert cli_proxy.stop() == 0
 
 
@@ -100,22 +98,20 @@ async def test_a_reset_in_the_middle_of_a_splice_is_passed_on(
 ) -> None:
     cli_proxy.start()
     with trio.fail_after(20):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
 
-        async def stream() -> None:
-            # Ends with ECONNRESET or EPIPE once the reset arrives; anything else fails.
-            try:
-                while True:
-                    await client.send(b"z" * (1 << 20))
-            except (ConnectionResetError, BrokenPipeError):
-                return
+            async def stream() -> None:
+                # Ends with ECONNRESET or EPIPE once the reset arrives; anything else fails.
+                try:
+                    while True:
+                        await client.send(b"z" * (1 << 20))
+                except (ConnectionResetError, BrokenPipeError):
+                    return
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream)
-            await recv_exactly(server, 4 << 20)  # well into the bulk, so spliced
-            reset_close(server)
-    client.close()
-    listener.close()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream)
+                await recv_exactly(server, 4 << 20)  # well into the bulk, so spliced
+                reset_close(server)
     assert cli_proxy.stop() == 0
     assert "close reason=server_reset" in cli_proxy.log
 
