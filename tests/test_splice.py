@@ -17,6 +17,7 @@ from lab_tools import (
     open_flow,
     raise_own_fd_limit,
     recv_exactly,
+    recv_until_eof,
     reset_close,
     send_all,
 )
@@ -99,19 +100,17 @@ async def test_a_reset_in_the_middle_of_a_splice_is_passed_on(
     cli_proxy.start()
     with trio.fail_after(20):
         async with open_flow(lab, SERVER_V4) as (client, server, _):
-
-            async def stream() -> None:
-                # Ends with ECONNRESET or EPIPE once the reset arrives; anything else fails.
-                try:
-                    while True:
-                        await client.send(b"z" * (1 << 20))
-                except (ConnectionResetError, BrokenPipeError):
-                    return
-
+            # The server streams and the client only reads: the proxy holds no byte from the
+            # client, so closing its socket gives a RST only if the proxy asks for one, and a
+            # FIN otherwise. What the client sees is what the proxy sent.
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(stream)
-                await recv_exactly(server, 4 << 20)  # well into the bulk, so spliced
-                reset_close(server)
+                nursery.start_soon(send_all, server, bytes(64 << 20))
+                await recv_exactly(client, 4 << 20)  # well into the bulk, so spliced
+                nursery.cancel_scope.cancel()
+            reset_close(server)
+            # A RST fails the client's recv; a FIN would read to a clean EOF.
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(client, limit=64 << 20)
     assert cli_proxy.stop() == 0
     assert "close reason=server_reset" in cli_proxy.log
 
