@@ -3,7 +3,9 @@ dying peers, self-loops and privileges. Each test fails without the behaviour it
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -421,11 +423,30 @@ def test_without_cap_net_admin_it_says_so_in_one_line(lab: Lab, cli_proxy: CliPr
     assert "Traceback" not in done.stderr
 
 
+# Supplementary groups for the proxy to start with, so that giving them up shows.
+START_GROUPS = ["setpriv", "--groups=adm,daemon", "--"]
+
+
+@pytest.mark.parametrize(
+    ("group_args", "group"),
+    [
+        pytest.param([], "nogroup", id="the-users-group"),
+        pytest.param(["--group", "daemon"], "daemon", id="group-option"),
+    ],
+)
 async def test_user_option_drops_to_that_user_with_net_admin_only(
-    lab: Lab, cli_proxy: CliProxy
+    lab: Lab, cli_proxy: CliProxy, group_args: list[str], group: str
 ) -> None:
-    cli_proxy.start("--user", "nobody")
-    assert cli_proxy.status("Uid").split() == ["65534"] * 4
+    # Started as root (uid 0, gid 0) with supplementary groups: every one must be given up.
+    cli_proxy.start("--user", "nobody", *group_args, wrap=START_GROUPS)
+    user = pwd.getpwnam("nobody")
+    if not group_args:
+        assert grp.getgrgid(user.pw_gid).gr_name == group
+    gid = grp.getgrnam(group).gr_gid
+    # Real, effective, saved and filesystem ids.
+    assert cli_proxy.status("Uid").split() == [str(user.pw_uid)] * 4
+    assert cli_proxy.status("Gid").split() == [str(gid)] * 4
+    assert cli_proxy.status("Groups") == ""
     assert int(cli_proxy.status("CapEff"), 16) == 1 << 12  # CAP_NET_ADMIN, nothing else
     assert int(cli_proxy.status("CapPrm"), 16) == 1 << 12
     async with trio.open_nursery() as nursery:
