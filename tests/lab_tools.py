@@ -222,7 +222,17 @@ async def run_library_proxy(
 
 def listeners(namespace: Namespace, port: int = PROXY_PORT) -> int:
     """How many sockets listen on TCP ``port`` in ``namespace`` (a proxy's, its workers')."""
-    return len(namespace.run(["ss", "-Hltn", f"sport = :{port}"]).splitlines())
+    return len(_listening_sockets(namespace, port))
+
+
+def waiting_to_be_accepted(namespace: Namespace, port: int = PROXY_PORT) -> int:
+    """Connections the kernel has completed but nobody has accepted yet, on every listener on
+    TCP ``port`` in ``namespace``: for a listening socket, ss shows them as its Recv-Q."""
+    return sum(int(line.split()[1]) for line in _listening_sockets(namespace, port))
+
+
+def _listening_sockets(namespace: Namespace, port: int) -> list[str]:
+    return namespace.run(["ss", "-Hltn", f"sport = :{port}"]).splitlines()
 
 
 class CliProxy:
