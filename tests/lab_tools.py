@@ -25,6 +25,13 @@ from uproxy_trio import FlowEvent
 
 PROXY_LISTEN = [("127.0.0.1", PROXY_PORT), ("::1", PROXY_PORT)]
 
+# The proxy looks for flows out of time four times per timeout, so a timeout fires between
+# its period and 1.25 times it (README: --connect-timeout, --idle-timeout).
+TIMEOUT_LATENESS = 1.25
+# What a test measures on top of that: the RST crossing the lab and the test's task being
+# scheduled to see it, on a shared two-CPU machine where other suites run too.
+SCHEDULING_ALLOWANCE_S = 0.15
+
 # (client_ip, server_ip) for tests that must hold for both IP versions.
 ADDRESSES = [
     pytest.param(CLIENT_V4, SERVER_V4, id="ipv4"),
