@@ -126,10 +126,25 @@ def test_an_idle_flow_costs_the_proxy_at_most_12_kib(lab: Lab, cli_proxy: CliPro
     assert cli_proxy.stop() == 0
 
 
-def test_the_open_file_limit_is_raised_and_logged(lab: Lab, cli_proxy: CliProxy) -> None:
+async def test_the_open_file_limit_is_raised_logged_and_used(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start(wrap=["prlimit", "--nofile=1024:4096", "--"])
-    assert cli_proxy.status("Pid")
-    limits = Path(f"/proc/{cli_proxy.pid}/limits").read_text()
+    limits = Path(f"/proc/{cli_proxy.pid}/limits").read_text()  # noqa: ASYNC240 - in memory
     assert re.search(r"Max open files\s+4096\s+4096", limits)
     assert "open-file limit raised from 1024 to 4096" in cli_proxy.log
+    # Two descriptors a flow: 600 flows at once are past the soft limit it started with.
+    raise_own_fd_limit()
+    flows: list[trio.socket.SocketType] = []
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(60):
+            for _ in range(600):
+                client = await connect(lab.client, SERVER_V4, 9090)
+                flows.append(client)
+                await send_all(client, b"!")
+                assert await recv_exactly(client, 1) == b"!"
+            assert cli_proxy.open_fds() > 1024 + 100
+            for client in flows:
+                client.close()
+        nursery.cancel_scope.cancel()
     assert cli_proxy.stop() == 0
