@@ -44,7 +44,9 @@ async def test_flow_keeps_both_addresses_and_reports_its_life(
 ) -> None:
     lab = inside_proxy
     with trio.fail_after(10):
+        started = trio.current_time()
         async with open_flow(lab, server_ip) as (client, server, peer):
+            accepted = trio.current_time()
             # Neither end can tell the proxy is there.
             assert peer[:2] == client.getsockname()[:2]
             assert peer[0] == client_ip
@@ -55,10 +57,12 @@ async def test_flow_keeps_both_addresses_and_reports_its_life(
             assert await recv_exactly(client, 5) == b"pong!"
             client.shutdown(socket.SHUT_WR)
             assert await recv_until_eof(server) == b""
+            server_saw_eof = trio.current_time()
             server.close()
             assert await recv_until_eof(client) == b""
             client.close()
             (closed,) = await library_proxy.wait_for(FlowClosed)
+            reported = trio.current_time()
 
     flow = closed.flow
     assert flow.client == (client_ip, peer[1])
@@ -68,7 +72,9 @@ async def test_flow_keeps_both_addresses_and_reports_its_life(
     assert [event.side for event in library_proxy.of_type(HalfClosed)] == ["client", "server"]
     assert (closed.reason, closed.first_closed) == ("closed", "client")
     assert (closed.bytes_client_to_server, closed.bytes_server_to_client) == (4, 5)
-    assert closed.duration_s >= 0
+    # The flow began before the server accepted and ended after the server's FIN, which
+    # followed its EOF; it lay within the test's own span.
+    assert server_saw_eof - accepted <= closed.duration_s <= reported - started
 
 
 async def test_half_close_from_client_keeps_server_to_client_flowing(
