@@ -231,12 +231,26 @@ async def test_port_reuse_while_the_proxy_holds_time_wait_costs_no_syn_retransmi
     assert set(retransmits.values()) == {0}, retransmits
 
 
+# The condition that keeps a bare SYN away from the "socket exists" shortcut, as `uproxy
+# rules` writes it for each backend.
+BARE_SYN_EXCLUSION = {"nft": "tcp flags & (fin | syn | rst | ack) != syn ", "iptables": "! --syn "}
+
+
 @pytest.mark.lab
-async def test_the_seed_shortcut_sends_reused_ports_into_time_wait(plain_lab: Lab) -> None:
-    """The control for the test above: with the seed's plain ``-m socket`` shortcut the same
-    churn costs SYN retransmits, so the counters there do detect the fault."""
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_without_the_bare_syn_exclusion_reused_ports_cost_syn_retransmits(
+    plain_lab: Lab, backend: str
+) -> None:
+    """The control for the test above: the script ``uproxy rules`` prints, with only the
+    bare-SYN exclusion taken out, makes the same churn cost SYN retransmits. So the counters
+    there do detect the fault, and the exclusion is what prevents it."""
     lab = plain_lab
-    lab.install_tproxy(TproxySetup())  # the seed's rules: no bare-SYN exclusion
+    done = run_uproxy("rules", "--backend", backend, *LISTEN_BOTH)
+    assert done.returncode == 0, done.stderr
+    exclusion = BARE_SYN_EXCLUSION[backend]
+    # One shortcut rule each way (clients' packets, servers' answers) per IP version.
+    assert done.stdout.count(exclusion) == 4
+    lab.proxy.run(["bash"], input=done.stdout.replace(exclusion, ""))
     first, last = CHURN_CLIENT_PORTS
     lab.client.sysctl({"net.ipv4.ip_local_port_range": f"{first} {last}"})
     proxy = CliProxy(lab)
