@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import trio
@@ -283,14 +284,25 @@ async def test_a_four_tuple_collision_resets_only_that_client(inside_proxy: Lab)
 
 STREAM_FOREVER = """
 import socket, sys
-sock = socket.create_connection((sys.argv[1], 9090)) if sys.argv[2] == "client" else None
-if sock is None:
+if sys.argv[2] == "client":
+    sock = socket.create_connection((sys.argv[1], 9090))
+else:
     listener = socket.socket(); listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((sys.argv[1], 9090)); listener.listen(); sock, _ = listener.accept()
-print("streaming", flush=True)
+    listener.bind((sys.argv[1], 9090)); listener.listen()
+    print("listening", flush=True)
+    sock, _ = listener.accept()
 while True:
     sock.sendall(b"z" * 65536)
 """
+
+
+async def receive_line(stream: trio.abc.ReceiveStream) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        data = await stream.receive_some()
+        assert data, f"EOF after {line!r}"
+        line += data
+    return line
 
 
 @pytest.mark.parametrize("dying", ["client", "server"])
@@ -300,34 +312,31 @@ async def test_a_peer_killed_mid_transfer_is_noticed_and_cleaned_up(
     cli_proxy.start("--log-level", "warning")
     baseline = cli_proxy.open_sockets()
     namespace = lab.client if dying == "client" else lab.server
-    peer_listener = await listen(lab.server, SERVER_V4, 9090) if dying == "client" else None
-    process = subprocess.Popen(
-        namespace.exec_argv([sys.executable, "-c", STREAM_FOREVER, SERVER_V4, dying]),
-        stdout=subprocess.PIPE,
-    )
-    try:
+    argv = namespace.exec_argv([sys.executable, "-c", STREAM_FOREVER, SERVER_V4, dying])
+    # A nursery of its own, so the script is killed however the test ends.
+    async with trio.open_nursery() as nursery:
+        run_script = partial(trio.run_process, argv, stdout=subprocess.PIPE, check=False)
         with trio.fail_after(20):
-            if peer_listener is not None:
-                survivor, _ = await peer_listener.accept()
+            if dying == "client":
+                with await listen(lab.server, SERVER_V4, 9090) as listener:
+                    process = await nursery.start(run_script)
+                    survivor, _ = await listener.accept()
             else:
-                await trio.sleep(0.3)  # let the server script listen
+                process = await nursery.start(run_script)
+                assert process.stdout is not None
+                assert await receive_line(process.stdout) == b"listening\n"
                 survivor = await connect(lab.client, SERVER_V4, 9090)
-            await recv_exactly(survivor, 1 << 20)  # mid-transfer
-            process.kill()
-            process.wait()
-            # The survivor learns (EOF after the bytes in flight, or a reset) promptly.
-            with trio.fail_after(5):
-                try:
-                    await recv_until_eof(survivor, limit=1 << 30)
-                except ConnectionResetError:
-                    pass
-            survivor.close()
+            with survivor:
+                await recv_exactly(survivor, 1 << 20)  # mid-transfer
+                process.kill()
+                await process.wait()
+                # The survivor learns (EOF after the bytes in flight, or a reset) promptly.
+                with trio.fail_after(5):
+                    try:
+                        await recv_until_eof(survivor, limit=1 << 30)
+                    except ConnectionResetError:
+                        pass
             await eventually(lambda: cli_proxy.open_sockets() == baseline)
-    finally:
-        process.kill()
-        process.wait()
-        if peer_listener is not None:
-            peer_listener.close()
     assert cli_proxy.stop() == 0
 
 
