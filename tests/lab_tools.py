@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
+import termios
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -21,7 +24,7 @@ from cli_tools import PROXY_LISTEN_ADDRESSES, PROXY_PORT, listen_args, uproxy_ar
 
 import uproxy_trio
 from uproxy_netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, Lab, Namespace
-from uproxy_trio import FlowEvent
+from uproxy_trio import FlowEvent, format_address
 
 PROXY_LISTEN = [("127.0.0.1", PROXY_PORT), ("::1", PROXY_PORT)]
 
@@ -113,6 +116,33 @@ async def open_flow(
         server, peer = await listener.accept()
         with server:
             yield client, server, peer
+
+
+async def until_the_proxy_has_read(lab: Lab, client: trio.socket.SocketType) -> None:
+    """Wait until the proxy has read every byte ``client`` sent through it so far, so that
+    what the client sends next reaches the proxy's interceptors as a read of its own.
+
+    Everything sent was acknowledged (the client's send queue is empty) and nothing is left
+    unread in the proxy's socket for this flow (its Recv-Q in ss).
+    """
+    flow = ["src", format_address(client.getpeername()[:2])]
+    flow += ["dst", format_address(client.getsockname()[:2])]
+
+    def read_by_proxy() -> bool:
+        if _unacknowledged(client):
+            return False
+        (line,) = lab.proxy.run(["ss", "-Htn", "state", "established", *flow]).splitlines()
+        return int(line.split()[0]) == 0
+
+    await eventually(read_by_proxy)
+
+
+def _unacknowledged(sock: trio.socket.SocketType) -> int:
+    """Bytes in ``sock``'s send queue, sent or not, that its peer has not acknowledged."""
+    # SIOCOUTQ, which has the value of TIOCOUTQ.
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    count: int = struct.unpack("i", raw)[0]
+    return count
 
 
 async def connect_expecting_reset(ns: Namespace, host: str, port: int) -> None:

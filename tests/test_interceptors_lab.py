@@ -23,6 +23,7 @@ from lab_tools import (
     reset_close,
     run_library_proxy,
     send_all,
+    until_the_proxy_has_read,
 )
 
 from uproxy_netns import SERVER_V4, Lab
@@ -107,7 +108,7 @@ async def test_hold_until_eof_works_with_half_close(
     with trio.fail_after(10):
         async with open_flow(lab, SERVER_V4) as (client, server, _):
             await send_all(client, b"hel")
-            await trio.sleep(0.05)
+            await until_the_proxy_has_read(lab, client)  # "lo" is another read
             await send_all(client, b"lo")
             client.shutdown(socket.SHUT_WR)
             # Only the client's EOF releases the held bytes; the server's side is still open.
@@ -321,9 +322,9 @@ async def test_example_http_header(lab: Lab, cli_proxy: CliProxy) -> None:
             nursery.start_soon(http_server, listener, seen)
             client = await connect(lab.client, SERVER_V4, 9090)
             post = b"POST /up HTTP/1.1\r\nHost: s\r\nContent-Length: %d\r\n\r\n" % len(body)
-            # Two requests on one connection, the second head split across writes.
+            # Two requests on one connection, the second head split across reads.
             await send_all(client, post + body + b"GET /a HTTP/1.1\r\nHo")
-            await trio.sleep(0.05)
+            await until_the_proxy_has_read(lab, client)
             await send_all(client, b"st: s\r\n\r\n")
             first = await recv_exactly(client, 37 + len(str(len(body))) + len(body))
             second = await recv_exactly(client, 38)
@@ -345,7 +346,7 @@ async def test_example_redis_log(lab: Lab, cli_proxy: CliProxy) -> None:
         async with open_flow(lab, SERVER_V4) as (client, server, _):
             # Pipelined, and cut in the middle of a bulk string.
             await send_all(client, commands[:30])
-            await trio.sleep(0.05)
+            await until_the_proxy_has_read(lab, client)
             await send_all(client, commands[30:] + b"PING\r\n")
             expected = commands + b"PING\r\n"
             assert await recv_exactly(server, len(expected)) == expected
@@ -369,7 +370,6 @@ async def test_example_corrupt_every_nth_byte(lab: Lab, cli_proxy: CliProxy) -> 
             for size in (150, 1, 49, 300):  # reads that straddle the 100-byte marks
                 await send_all(client, bytes(size))
                 seen.append(await recv_exactly(client, size))
-                await trio.sleep(0.02)
             client.close()
         nursery.cancel_scope.cancel()
     got = b"".join(seen)
