@@ -14,9 +14,19 @@ import time
 import pytest
 import trio
 from cli_tools import LISTEN_BOTH, run_uproxy
-from lab_tools import CliProxy, connect, listen, recv_until_eof, send_all
+from lab_tools import (
+    ADDRESSES,
+    CliProxy,
+    connect,
+    listen,
+    open_flow,
+    recv_exactly,
+    recv_until_eof,
+    send_all,
+)
 
 from uproxy_netns import SERVER_V4, Lab, Namespace, TproxySetup
+from uproxy_trio import format_address
 
 BACKENDS = ["nft", "iptables"]
 
@@ -148,6 +158,33 @@ def test_apply_twice_changes_nothing_and_remove_leaves_nothing_behind(
     # Removing what is not there is not an error either.
     assert run_uproxy(*args, "--remove", namespace=proxy).returncode == 0
     assert host_state(proxy) == before
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
+async def test_flows_go_through_the_proxy_behind_the_rules_uproxy_rules_applies(
+    plain_lab: Lab, backend: str, client_ip: str, server_ip: str
+) -> None:
+    lab = plain_lab
+    done = run_uproxy("rules", "--backend", backend, *LISTEN_BOTH, "--apply", namespace=lab.proxy)
+    assert done.returncode == 0, done.stderr
+    proxy = CliProxy(lab)
+    try:
+        proxy.start()
+        with trio.fail_after(10):
+            async with open_flow(lab, server_ip) as (client, server, peer):
+                assert peer[0] == client_ip
+                await send_all(client, b"up")
+                assert await recv_exactly(server, 2) == b"up"
+                await send_all(server, b"down")
+                assert await recv_exactly(client, 4) == b"down"
+    finally:
+        assert proxy.stop() == 0
+    # Through the proxy, not past it: a plain router would carry the bytes as well.
+    ends = (format_address((client_ip, peer[1])), format_address((server_ip, 9090)))
+    assert "flow 1 open client={} server={}".format(*ends) in proxy.log
+    assert "client_to_server=2 server_to_client=4" in proxy.log
 
 
 def tcp_counters(namespace: Namespace) -> dict[str, int]:
