@@ -27,7 +27,7 @@ from lab_tools import (
 )
 
 from uproxy_netns import SERVER_V4, Lab
-from uproxy_trio import Direction, Flow, FlowClosed, InterceptorFailed
+from uproxy_trio import Direction, Flow, FlowClosed, Interceptor, InterceptorFailed
 
 pytestmark = pytest.mark.lab
 
@@ -183,6 +183,52 @@ async def test_exploding_interceptor_resets_only_its_own_flow(
     assert "ZeroDivisionError" in log
     assert "flow 2 close reason=interceptor_failed" in log
     assert "flow 1 close reason=closed" in log
+
+
+async def pass_on(
+    flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield chunk
+
+
+async def pass_on_and_swallow_errors(
+    flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """Ends quietly however its source ends: the relay must still tell a reset from an EOF."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except OSError:
+        return
+
+
+@pytest.mark.parametrize("interceptor", [pass_on, pass_on_and_swallow_errors])
+@pytest.mark.parametrize("resetting_side", ["server", "client"])
+async def test_a_reset_on_an_intercepted_flow_resets_the_other_side(
+    inside_proxy: Lab, interceptor: Interceptor, resetting_side: str
+) -> None:
+    lab = inside_proxy
+    events = EventLog()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_library_proxy, events, {"interceptors": [interceptor]})
+        with trio.fail_after(10):
+            async with open_flow(lab, SERVER_V4) as (client, server, _):
+                await send_all(client, b"up")
+                assert await recv_exactly(server, 2) == b"up"
+                await send_all(server, b"down")
+                assert await recv_exactly(client, 4) == b"down"
+                aborting, survivor = (server, client)
+                if resetting_side == "client":
+                    aborting, survivor = client, server
+                reset_close(aborting)
+                # A RST, not a FIN: recv fails rather than reading to a clean EOF.
+                with pytest.raises(ConnectionResetError):
+                    await recv_until_eof(survivor)
+            (closed,) = await events.wait_for(FlowClosed)
+        nursery.cancel_scope.cancel()
+    assert closed.reason == f"{resetting_side}_reset"
+    assert events.of_type(InterceptorFailed) == []
 
 
 async def test_a_stalled_interceptor_stops_reading_its_side(inside_proxy: Lab) -> None:
