@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
+from cli_tools import PROXY_PORT
 from lab_tools import CliProxy, EventLog, run_library_proxy
 
 from uproxy_netns import Lab, LabError, TproxySetup, sweep_stale_labs
@@ -20,7 +21,6 @@ from uproxy_netns import Lab, LabError, TproxySetup, sweep_stale_labs
 # The lab intercepts this range; tests use 9090 for servers that answer and the rest for
 # destinations that refuse, drop or misbehave.
 LAB_PORTS = "9090:9099"
-PROXY_PORT = 9091
 
 
 def _lab_unavailable() -> str | None:

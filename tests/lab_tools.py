@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
-import sys
 import tempfile
+import termios
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from cli_tools import PROXY_LISTEN_ADDRESSES, PROXY_PORT, listen_args, uproxy_argv
 
 import uproxy_trio
 from uproxy_netns import CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, Lab, Namespace
-from uproxy_trio import FlowEvent
+from uproxy_trio import FlowEvent, format_address
 
-PROXY_PORT = 9091
 PROXY_LISTEN = [("127.0.0.1", PROXY_PORT), ("::1", PROXY_PORT)]
+
+# The proxy looks for flows out of time four times per timeout, so a timeout fires between
+# its period and 1.25 times it (README: --connect-timeout, --idle-timeout).
+TIMEOUT_LATENESS = 1.25
+# What a test measures on top of that: the RST crossing the lab and the test's task being
+# scheduled to see it, on a shared two-CPU machine where other suites run too.
+SCHEDULING_ALLOWANCE_S = 0.15
 
 # (client_ip, server_ip) for tests that must hold for both IP versions.
 ADDRESSES = [
@@ -90,15 +99,50 @@ def silent_server_port(lab: Lab, port: int) -> Iterator[None]:
         lab.server.run(["iptables", "-D", *rule])
 
 
+@asynccontextmanager
 async def open_flow(
     lab: Lab, server_ip: str, port: int = 9090
-) -> tuple[trio.socket.SocketType, trio.socket.SocketType, trio.socket.SocketType, Any]:
-    """A listener in the server namespace, a client connected to it through the proxy, and
-    the server's end: ``(listener, client, server, address the server saw)``."""
-    listener = await listen(lab.server, server_ip, port)
-    client = await connect(lab.client, server_ip, port)
-    server, peer = await listener.accept()
-    return listener, client, server, peer
+) -> AsyncIterator[tuple[trio.socket.SocketType, trio.socket.SocketType, Any]]:
+    """A client connected through the proxy to a listener in the server namespace, and the
+    server's end: ``(client, server, address the server saw)``.
+
+    The sockets and the listener are closed when the block ends, however it ends: a test
+    that fails must not leave the port bound for the tests after it.
+    """
+    with (
+        await listen(lab.server, server_ip, port) as listener,
+        await connect(lab.client, server_ip, port) as client,
+    ):
+        server, peer = await listener.accept()
+        with server:
+            yield client, server, peer
+
+
+async def until_the_proxy_has_read(lab: Lab, client: trio.socket.SocketType) -> None:
+    """Wait until the proxy has read every byte ``client`` sent through it so far, so that
+    what the client sends next reaches the proxy's interceptors as a read of its own.
+
+    Everything sent was acknowledged (the client's send queue is empty) and nothing is left
+    unread in the proxy's socket for this flow (its Recv-Q in ss).
+    """
+    flow = ["src", format_address(client.getpeername()[:2])]
+    flow += ["dst", format_address(client.getsockname()[:2])]
+
+    def read_by_proxy() -> bool:
+        if _unacknowledged(client):
+            return False
+        (line,) = lab.proxy.run(["ss", "-Htn", "state", "established", *flow]).splitlines()
+        return int(line.split()[0]) == 0
+
+    await eventually(read_by_proxy)
+
+
+def _unacknowledged(sock: trio.socket.SocketType) -> int:
+    """Bytes in ``sock``'s send queue, sent or not, that its peer has not acknowledged."""
+    # SIOCOUTQ, which has the value of TIOCOUTQ.
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    count: int = struct.unpack("i", raw)[0]
+    return count
 
 
 async def connect_expecting_reset(ns: Namespace, host: str, port: int) -> None:
@@ -213,10 +257,19 @@ async def run_library_proxy(
         task_status.started()
 
 
-def uproxy_command() -> list[str]:
-    """The installed console script, next to the interpreter running the tests."""
-    script = Path(sys.executable).parent / "uproxy"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "uproxy_cli"]
+def listeners(namespace: Namespace, port: int = PROXY_PORT) -> int:
+    """How many sockets listen on TCP ``port`` in ``namespace`` (a proxy's, its workers')."""
+    return len(_listening_sockets(namespace, port))
+
+
+def waiting_to_be_accepted(namespace: Namespace, port: int = PROXY_PORT) -> int:
+    """Connections the kernel has completed but nobody has accepted yet, on every listener on
+    TCP ``port`` in ``namespace``: for a listening socket, ss shows them as its Recv-Q."""
+    return sum(int(line.split()[1]) for line in _listening_sockets(namespace, port))
+
+
+def _listening_sockets(namespace: Namespace, port: int) -> list[str]:
+    return namespace.run(["ss", "-Hltn", f"sport = :{port}"]).splitlines()
 
 
 class CliProxy:
@@ -235,18 +288,19 @@ class CliProxy:
     def start(
         self,
         *args: str,
-        listen: tuple[str, str] = ("127.0.0.1:9091", "[::1]:9091"),
+        listen: Sequence[str] = PROXY_LISTEN_ADDRESSES,
         ready_timeout: float = 20,
         wrap: Sequence[str] = (),
     ) -> None:
         """Start ``uproxy serve`` on both ``listen`` addresses with ``args``; ``wrap`` is a
         command prefix (``setpriv ...``) run inside the proxy namespace."""
-        listen_args = [arg for address in listen for arg in ("--listen", address)]
-        argv = self.lab.proxy.exec_argv([*wrap, *uproxy_command(), "serve", *listen_args, *args])
+        argv = uproxy_argv(
+            "serve", *listen_args(listen), *args, namespace=self.lab.proxy, wrap=wrap
+        )
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + ready_timeout
-        # Ready means both listeners are up, whatever --log-level hides.
-        while len(self.lab.proxy.run(["ss", "-Hltn", f"sport = :{PROXY_PORT}"]).splitlines()) < 2:
+        # Ready means every listener is up, whatever --log-level hides.
+        while listeners(self.lab.proxy) < len(listen):
             if self.process.poll() is not None:
                 raise AssertionError(f"uproxy serve exited {self.process.returncode}:\n{self.log}")
             if time.monotonic() > deadline:

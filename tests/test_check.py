@@ -7,13 +7,13 @@ import subprocess
 
 import pytest
 import trio
-from lab_tools import CliProxy, connect, echo_server, listen, recv_exactly, send_all, uproxy_command
+from cli_tools import LISTEN_BOTH, NO_CAPABILITIES, run_uproxy
+from lab_tools import CliProxy, connect, echo_server, listen, recv_exactly, send_all
 
-from uproxy_netns import SERVER_V4, Lab, Namespace
+from uproxy_netns import SERVER_V4, Lab
 
 pytestmark = pytest.mark.lab
 
-LISTEN_BOTH = ["--listen", "127.0.0.1:9091", "--listen", "[::1]:9091"]
 LAB_RULES = ["rules", "--in-interface", "ens6", "--out-interface", "ens7", *LISTEN_BOTH]
 CONNTRACK = "conntrack cannot drop intercepted packets as INVALID"
 
@@ -88,18 +88,8 @@ INVALID_DROPS = [
 ]
 
 
-def uproxy_in(namespace: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        namespace.exec_argv([*uproxy_command(), *args]),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_a_proxy_host_with_the_set_up_passes(lab: Lab) -> None:
-    done = uproxy_in(lab.proxy, "check", *LISTEN_BOTH)
+    done = run_uproxy("check", *LISTEN_BOTH, namespace=lab.proxy)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "MISS" not in done.stdout
     assert "ok    a TPROXY rule delivers to [::1]:9091" in done.stdout
@@ -111,7 +101,7 @@ def test_a_proxy_host_with_the_set_up_passes(lab: Lab) -> None:
 
 def test_a_plain_router_misses_the_set_up_until_uproxy_rules_applies_it(plain_lab: Lab) -> None:
     proxy = plain_lab.proxy
-    done = uproxy_in(proxy, "check", *LISTEN_BOTH)
+    done = run_uproxy("check", *LISTEN_BOTH, namespace=proxy)
     assert done.returncode == 1
     lines = done.stdout.splitlines()
     for miss, fix in [
@@ -128,12 +118,12 @@ def test_a_plain_router_misses_the_set_up_until_uproxy_rules_applies_it(plain_la
     assert "ok    forwarding is on (net.ipv4.ip_forward)" in lines
     assert lines[-1] == "6 of 12 checks missed"
 
-    assert uproxy_in(proxy, *LAB_RULES, "--port", "9090", "--apply").returncode == 0
-    done = uproxy_in(proxy, "check", *LISTEN_BOTH)
+    assert run_uproxy(*LAB_RULES, "--port", "9090", "--apply", namespace=proxy).returncode == 0
+    done = run_uproxy("check", *LISTEN_BOTH, namespace=proxy)
     assert done.returncode == 0, done.stdout
 
     # A listener the rules do not deliver to is a miss, whatever else is in place.
-    done = uproxy_in(proxy, "check", "--listen", "127.0.0.1:9999")
+    done = run_uproxy("check", "--listen", "127.0.0.1:9999", namespace=proxy)
     assert done.returncode == 1
     assert "MISS  a TPROXY rule delivers to 127.0.0.1:9999" in done.stdout.splitlines()
 
@@ -144,10 +134,10 @@ def test_interfaces_the_rules_name_must_exist_and_be_up(plain_lab: Lab, backend:
     is a miss, not 'all checks passed'."""
     proxy = plain_lab.proxy
     rules = ["rules", "-b", backend, "--in-interface", "nosuch0", "--out-interface", "ens7"]
-    done = uproxy_in(proxy, *rules, "--port", "9090", *LISTEN_BOTH, "--apply")
+    done = run_uproxy(*rules, "--port", "9090", *LISTEN_BOTH, "--apply", namespace=proxy)
     assert done.returncode == 0, done.stderr
     proxy.ip("link set ens7 down\n")
-    done = uproxy_in(proxy, "check", *LISTEN_BOTH)
+    done = run_uproxy("check", *LISTEN_BOTH, namespace=proxy)
     assert done.returncode == 1
     lines = done.stdout.splitlines()
     missing = lines.index("MISS  interface nosuch0, named by the TPROXY rules, is up")
@@ -162,38 +152,26 @@ def test_interfaces_the_rules_name_must_exist_and_be_up(plain_lab: Lab, backend:
 
 def test_strict_reverse_path_filtering_and_no_forwarding_are_misses(plain_lab: Lab) -> None:
     plain_lab.proxy.sysctl({"net.ipv4.conf.ens6.rp_filter": 1})
-    done = uproxy_in(plain_lab.proxy, "check")
+    done = run_uproxy("check", namespace=plain_lab.proxy)
     assert done.returncode == 1
     assert "MISS  reverse-path filter is not strict on ens6, ens7" in done.stdout
     assert "      fix: sysctl -w net.ipv4.conf.ens6.rp_filter=2" in done.stdout
     # The client host forwards nothing.
-    done = uproxy_in(plain_lab.client, "check")
+    done = run_uproxy("check", namespace=plain_lab.client)
     assert done.returncode == 1
     assert "MISS  forwarding is on (net.ipv4.ip_forward)" in done.stdout
     assert "      fix: sysctl -w net.ipv4.ip_forward=1" in done.stdout
 
 
 def test_bad_check_input_is_one_line_and_exit_2() -> None:
-    done = subprocess.run(
-        [*uproxy_command(), "check", "--listen", "nowhere"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = run_uproxy("check", "--listen", "nowhere")
     assert done.returncode == 2
     assert done.stderr.startswith("uproxy: error: Invalid value for '--listen'")
     assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_without_cap_net_admin_the_capability_check_misses(lab: Lab) -> None:
-    no_capabilities = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
-    done = subprocess.run(
-        lab.proxy.exec_argv([*no_capabilities, *uproxy_command(), "check", *LISTEN_BOTH]),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_uproxy("check", *LISTEN_BOTH, namespace=lab.proxy, wrap=NO_CAPABILITIES)
     assert done.returncode == 1
     lines = done.stdout.splitlines()
     assert "MISS  IP_TRANSPARENT can be set (CAP_NET_ADMIN or CAP_NET_RAW)" in lines
@@ -218,10 +196,10 @@ def test_a_rule_dropping_conntrack_invalid_packets_is_a_warning_with_its_fix(
     plain_lab: Lab, rule: list[str], where: str | None
 ) -> None:
     proxy = plain_lab.proxy
-    applied = uproxy_in(proxy, *LAB_RULES, "-p", "9090", "-p", "9100-9199", "--apply")
+    applied = run_uproxy(*LAB_RULES, "-p", "9090", "-p", "9100-9199", "--apply", namespace=proxy)
     assert applied.returncode == 0, applied.stderr
     proxy.run(rule)
-    done = uproxy_in(proxy, "check", *LISTEN_BOTH)
+    done = run_uproxy("check", *LISTEN_BOTH, namespace=proxy)
     assert done.returncode == 0, done.stdout  # a warning, not a miss
     lines = done.stdout.splitlines()
     if where is None:
@@ -239,7 +217,7 @@ def test_a_rule_dropping_conntrack_invalid_packets_is_a_warning_with_its_fix(
     # The fix, run as printed, puts the exemption in place and the warning goes.
     fixed = subprocess.run(proxy.exec_argv(["bash", "-c", fix]), capture_output=True, text=True)
     assert fixed.returncode == 0, fixed.stderr
-    done = uproxy_in(proxy, "check", *LISTEN_BOTH)
+    done = run_uproxy("check", *LISTEN_BOTH, namespace=proxy)
     assert f"ok    {CONNTRACK}" in done.stdout.splitlines(), done.stdout
     assert done.stdout.rstrip().endswith("all 14 checks passed")
 
@@ -250,7 +228,7 @@ async def test_with_the_fix_an_invalid_drop_rule_drops_no_relayed_packet(plain_l
     byte arrives (in about a second) and the drop rules count nothing. Without it the same
     flows have packets dropped and stall until the test's 60 s guard fires."""
     proxy = plain_lab.proxy
-    applied = uproxy_in(proxy, *LAB_RULES, "-p", "9090", "--apply")
+    applied = run_uproxy(*LAB_RULES, "-p", "9090", "--apply", namespace=proxy)
     assert applied.returncode == 0, applied.stderr
     proxy.run(
         [
@@ -262,7 +240,7 @@ async def test_with_the_fix_an_invalid_drop_rule_drops_no_relayed_packet(plain_l
             "add rule inet fw output ct state invalid counter drop",
         ]
     )
-    lines = uproxy_in(proxy, "check", *LISTEN_BOTH).stdout.splitlines()
+    lines = run_uproxy("check", *LISTEN_BOTH, namespace=proxy).stdout.splitlines()
     fix = lines[lines.index(f"WARN  {CONNTRACK}") + 2].removeprefix("      fix: ")
     proxy.run(["bash", "-c", fix])
     cli = CliProxy(plain_lab)

@@ -6,13 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from lab_tools import uproxy_command
-
-
-def run_uproxy(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*uproxy_command(), *args], capture_output=True, text=True, timeout=60, check=False
-    )
+from cli_tools import run_uproxy
 
 
 def test_version() -> None:
@@ -44,14 +38,7 @@ def help_rows(help_text: str) -> dict[str, str]:
 
 def wide_help(*command: str) -> subprocess.CompletedProcess[str]:
     """``--help`` wide enough that no option's help wraps into another's row."""
-    done = subprocess.run(
-        [*uproxy_command(), *command, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
-    )
+    done = run_uproxy(*command, "--help", env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     return done
 
@@ -200,12 +187,8 @@ def test_every_command_has_help_with_an_example(command: list[str], env_vars: li
 
 
 def test_rules_options_come_from_the_environment() -> None:
-    done = subprocess.run(
-        [*uproxy_command(), "rules"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    done = run_uproxy(
+        "rules",
         env={
             "UPROXY_BACKEND": "iptables",
             "UPROXY_IN_INTERFACE": "ens6",

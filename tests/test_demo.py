@@ -8,7 +8,7 @@ import signal
 import subprocess
 
 import pytest
-from lab_tools import uproxy_command
+from cli_tools import run_uproxy, uproxy_argv
 
 from uproxy_netns import CLIENT_V4, CLIENT_V6, Lab, kept_labs
 from uproxy_netns._namespace import NETNS_DIR
@@ -29,9 +29,7 @@ def lab_tag(transcript: str) -> str:
 
 def test_demo_tells_the_story_and_leaves_nothing_behind(lab: Lab) -> None:
     # (`lab` only makes the test skip, or fail under CI, where no lab can be built.)
-    done = subprocess.run(
-        [*uproxy_command(), "demo"], capture_output=True, text=True, timeout=120, check=False
-    )
+    done = run_uproxy("demo")
     assert done.returncode == 0, done.stderr
     transcript = done.stdout
     for client in (CLIENT_V4, CLIENT_V6):
@@ -53,9 +51,7 @@ def test_demo_tells_the_story_and_leaves_nothing_behind(lab: Lab) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_demo_interrupted_removes_its_lab_and_exits_0(lab: Lab, sig: int) -> None:
-    demo = subprocess.Popen(
-        [*uproxy_command(), "demo", "--wait"], stdout=subprocess.PIPE, text=True
-    )
+    demo = subprocess.Popen(uproxy_argv("demo", "--wait"), stdout=subprocess.PIPE, text=True)
     lines = []
     try:
         assert demo.stdout is not None
@@ -77,9 +73,7 @@ def test_demo_interrupted_removes_its_lab_and_exits_0(lab: Lab, sig: int) -> Non
 
 
 def test_lab_up_status_down(lab: Lab) -> None:
-    up = subprocess.run(
-        [*uproxy_command(), "lab", "up"], capture_output=True, text=True, timeout=60, check=False
-    )
+    up = run_uproxy("lab", "up")
     found = re.search(r"^lab (upxlab-\w+) is up", up.stdout)
     assert up.returncode == 0, up.stderr
     assert found, up.stdout
@@ -89,26 +83,18 @@ def test_lab_up_status_down(lab: Lab) -> None:
         for role in ("client", "proxy", "server"):
             assert f"ip netns exec {tag}-{role} bash" in up.stdout
         assert re.search(rf"ip netns exec {tag}-proxy \S*uproxy serve --listen", up.stdout)
-        status = subprocess.run(
-            [*uproxy_command(), "lab", "status"], capture_output=True, text=True, check=False
-        )
+        status = run_uproxy("lab", "status")
         assert tag in status.stdout.split()
-        down = subprocess.run(
-            [*uproxy_command(), "lab", "down", tag], capture_output=True, text=True, check=False
-        )
+        down = run_uproxy("lab", "down", tag)
         assert down.returncode == 0, down.stderr
         assert down.stdout.strip() == f"lab {tag} removed"
         assert namespaces_of(tag) == []
         assert tag not in kept_labs()
-        status = subprocess.run(
-            [*uproxy_command(), "lab", "status"], capture_output=True, text=True, check=False
-        )
+        status = run_uproxy("lab", "status")
         assert tag not in status.stdout.split()
         if not kept_labs():
             assert status.stderr.strip() == "no lab is up (uproxy lab up starts one)"
-        again = subprocess.run(
-            [*uproxy_command(), "lab", "down", tag], capture_output=True, text=True, check=False
-        )
+        again = run_uproxy("lab", "down", tag)
         assert again.returncode == 1
         assert again.stderr.strip() == (
             f"uproxy: error: no lab named '{tag}' is up (uproxy lab status lists them)"

@@ -6,7 +6,6 @@ source and the sink, so what holds here holds per direction in a flow.
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import AsyncIterator, Sequence
 
@@ -57,24 +56,50 @@ def run(
     return trio.run(drive, interceptors, direction, chunks)
 
 
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({min(cut, len(data)) for cut in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
+# Three letters make matches, overlaps and near misses common.
+LETTERS = b"abc"
 
 
-# Small alphabets make matches, overlaps and near misses common.
-streams = st.binary(max_size=300).map(lambda raw: bytes(b % 3 + 97 for b in raw))
-cut_lists = st.lists(st.integers(min_value=0, max_value=300), max_size=30)
-patterns = st.binary(min_size=1, max_size=5).map(lambda raw: bytes(b % 3 + 97 for b in raw))
+def in_letters(raw: bytes) -> bytes:
+    return bytes(LETTERS[byte % len(LETTERS)] for byte in raw)
+
+
+letters = st.binary(min_size=1, max_size=6).map(in_letters)
+
+
+def chunk_lists(
+    piece: st.SearchStrategy[bytes], cut: bytes = b""
+) -> st.SearchStrategy[list[bytes]]:
+    """The reads of a stream, drawn directly, in ten to eighty draws: each a read of one to
+    three pieces or, given ``cut``, often ``cut`` split between two reads. The stream is what
+    the reads add up to, typically a hundred bytes or so."""
+    read = st.lists(piece, min_size=1, max_size=3).map(lambda pieces: [b"".join(pieces)])
+    if len(cut) > 1:
+        halves = st.integers(1, len(cut) - 1).map(lambda at: [cut[:at], cut[at:]])
+        read = st.one_of(read, halves)
+    return st.lists(read, min_size=10, max_size=80).map(
+        lambda groups: [chunk for group in groups for chunk in group]
+    )
+
+
+def pieces_around(needle: bytes) -> st.SearchStrategy[bytes]:
+    """The needle, a beginning or an end of it, or a few letters: read by read, matches form,
+    overlap and nearly happen."""
+    return st.one_of(
+        st.just(needle),
+        st.integers(1, len(needle)).map(lambda size: needle[:size]),
+        st.integers(1, len(needle)).map(lambda size: needle[-size:]),
+        letters,
+    )
 
 
 @settings(max_examples=400, deadline=None)
-@given(data=streams, cuts=cut_lists, old=patterns, new=st.binary(max_size=4))
-def test_replace_matches_bytes_replace_for_any_split(
-    data: bytes, cuts: list[int], old: bytes, new: bytes
-) -> None:
-    out = run([replace(old, new)], C2S, split(data, cuts))
-    assert b"".join(out) == data.replace(old, new)
+@given(data=st.data(), old=st.binary(min_size=1, max_size=5).map(in_letters))
+def test_replace_matches_bytes_replace_for_any_split(data: st.DataObject, old: bytes) -> None:
+    chunks = data.draw(chunk_lists(pieces_around(old), cut=old), label="chunks")
+    new = data.draw(st.binary(max_size=4), label="new")
+    out = run([replace(old, new)], C2S, chunks)
+    assert b"".join(out) == b"".join(chunks).replace(old, new)
 
 
 def test_replace_holds_back_only_a_possible_match() -> None:
@@ -83,22 +108,61 @@ def test_replace_holds_back_only_a_possible_match() -> None:
     assert out == [b"GET / HTTP/1.1\r\n", b"Host-Y!"]
 
 
-@settings(max_examples=300, deadline=None)
+REGEX_PATTERNS = [
+    # Bounded: no match is longer than a few bytes.
+    rb"a{2,3}",
+    rb"(c)(a|b)",
+    rb"b[ac]b",
+    rb"abc",
+    # Unbounded: a match is as long as the stream makes it, greedy or lazy.
+    rb"ab+a",
+    rb"a+",
+    rb"(?:ab)+",
+    rb"b[^b]*b",
+    rb"c[ab]*c",
+    rb"a+?b",
+    rb"(?:a|ab)(?:c|bc)",
+]
+
+
+@settings(max_examples=600, deadline=None)
 @given(
-    data=streams,
-    cuts=cut_lists,
-    pattern=st.sampled_from([rb"ab+a", rb"a{2,3}", rb"(c)(a|b)", rb"b[ac]b", rb"abc"]),
+    chunks=chunk_lists(letters),
+    pattern=st.sampled_from(REGEX_PATTERNS),
+    slack=st.integers(min_value=0, max_value=3),
 )
 def test_regex_replace_matches_re_sub_for_any_split(
-    data: bytes, cuts: list[int], pattern: bytes
+    chunks: list[bytes], pattern: bytes, slack: int
 ) -> None:
-    out = run([regex_replace(pattern, rb"<\g<0>>", max_match=64)], C2S, split(data, cuts))
-    assert b"".join(out) == re.sub(pattern, rb"<\g<0>>", data)
+    stream = b"".join(chunks)
+    # The promise covers matches of up to max_match bytes: give it this stream's longest
+    # match, or a little more, so that it holds back as little as it may.
+    longest = max((len(match[0]) for match in re.finditer(pattern, stream)), default=1)
+    interceptor = regex_replace(pattern, rb"<\g<0>>", max_match=longest + slack)
+    out = run([interceptor], C2S, chunks)
+    assert b"".join(out) == re.sub(pattern, rb"<\g<0>>", stream)
 
 
-def test_regex_replace_refuses_a_pattern_that_matches_nothing_at_all() -> None:
-    with pytest.raises(ValueError, match="cannot match empty"):
-        regex_replace(rb"a*", b"")
+def test_regex_replace_waits_for_the_bytes_a_lookahead_reads() -> None:
+    # a(?!bb) reads three bytes from where a match starts: max_match counts what the pattern
+    # reads, lookahead included, not only the one byte it matches.
+    out = run([regex_replace(rb"a(?!bb)", b"X", max_match=3)], C2S, [b"xab", b"b"])
+    assert b"".join(out) == re.sub(rb"a(?!bb)", b"X", b"xabb") == b"xabb"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "max_match", "complaint"),
+    [
+        (rb"a*", 4096, "cannot match empty"),
+        (rb"(?:ab)?", 4096, "cannot match empty"),
+        (rb"a+", 0, "max_match must be at least 1"),
+    ],
+)
+def test_regex_replace_refuses_what_it_cannot_do(
+    pattern: bytes, max_match: int, complaint: str
+) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        regex_replace(pattern, b"", max_match=max_match)
 
 
 @settings(max_examples=200, deadline=None)

@@ -23,10 +23,11 @@ from lab_tools import (
     reset_close,
     run_library_proxy,
     send_all,
+    until_the_proxy_has_read,
 )
 
 from uproxy_netns import SERVER_V4, Lab
-from uproxy_trio import Direction, Flow, FlowClosed, InterceptorFailed
+from uproxy_trio import Direction, Flow, FlowClosed, Interceptor, InterceptorFailed
 
 pytestmark = pytest.mark.lab
 
@@ -73,16 +74,14 @@ async def exchange(lab: Lab, request: bytes, respond: bool = True) -> tuple[byte
     """Send ``request`` and EOF; the server reads to EOF and echoes what it got; return what
     the server saw and what the client got back."""
     with trio.fail_after(10):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        await send_all(client, request)
-        client.shutdown(socket.SHUT_WR)
-        seen = await recv_until_eof(server)
-        if respond:
-            await send_all(server, seen)
-        server.close()
-        back = await recv_until_eof(client)
-    client.close()
-    listener.close()
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            await send_all(client, request)
+            client.shutdown(socket.SHUT_WR)
+            seen = await recv_until_eof(server)
+            if respond:
+                await send_all(server, seen)
+            server.close()
+            back = await recv_until_eof(client)
     return seen, back
 
 
@@ -107,18 +106,16 @@ async def test_hold_until_eof_works_with_half_close(
 ) -> None:
     cli_proxy.start("-i", f"{interceptor_file}:reverse")
     with trio.fail_after(10):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        await send_all(client, b"hel")
-        await trio.sleep(0.05)
-        await send_all(client, b"lo")
-        client.shutdown(socket.SHUT_WR)
-        # Only the client's EOF releases the held bytes; the server's side is still open.
-        assert await recv_until_eof(server) == b"olleh"
-        await send_all(server, b"abc")
-        server.close()
-        assert await recv_until_eof(client) == b"cba"
-    client.close()
-    listener.close()
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            await send_all(client, b"hel")
+            await until_the_proxy_has_read(lab, client)  # "lo" is another read
+            await send_all(client, b"lo")
+            client.shutdown(socket.SHUT_WR)
+            # Only the client's EOF releases the held bytes; the server's side is still open.
+            assert await recv_until_eof(server) == b"olleh"
+            await send_all(server, b"abc")
+            server.close()
+            assert await recv_until_eof(client) == b"cba"
 
 
 @pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
@@ -135,15 +132,17 @@ async def test_interceptor_sees_the_flow(inside_proxy: Lab, client_ip: str, serv
     async with trio.open_nursery() as nursery:
         await nursery.start(run_library_proxy, events, {"interceptors": [describe]})
         with trio.fail_after(10):
-            listener, client, server, peer = await open_flow(lab, server_ip)
-            await send_all(client, b"Q")
-            expected_up = f"1|('{client_ip}', {peer[1]})|('{server_ip}', 9090)|client_to_server|Q"
-            assert await recv_exactly(server, len(expected_up)) == expected_up.encode()
-            await send_all(server, b"R")
-            expected_down = f"1|('{client_ip}', {peer[1]})|('{server_ip}', 9090)|server_to_client|R"
-            assert await recv_exactly(client, len(expected_down)) == expected_down.encode()
-            for sock in (client, server, listener):
-                sock.close()
+            async with open_flow(lab, server_ip) as (client, server, peer):
+                await send_all(client, b"Q")
+                expected_up = (
+                    f"1|('{client_ip}', {peer[1]})|('{server_ip}', 9090)|client_to_server|Q"
+                )
+                assert await recv_exactly(server, len(expected_up)) == expected_up.encode()
+                await send_all(server, b"R")
+                expected_down = (
+                    f"1|('{client_ip}', {peer[1]})|('{server_ip}', 9090)|server_to_client|R"
+                )
+                assert await recv_exactly(client, len(expected_down)) == expected_down.encode()
         nursery.cancel_scope.cancel()
 
 
@@ -151,8 +150,7 @@ async def test_exploding_interceptor_resets_only_its_own_flow(
     lab: Lab, cli_proxy: CliProxy, interceptor_file: Path
 ) -> None:
     cli_proxy.start("-i", f"{interceptor_file}:explode")
-    with trio.fail_after(15):
-        listener = await listen(lab.server, SERVER_V4, 9090)
+    with trio.fail_after(15), await listen(lab.server, SERVER_V4, 9090) as listener:
         calm_client = await connect(lab.client, SERVER_V4, 9090)
         calm_server, _ = await listener.accept()
         doomed_client = await connect(lab.client, SERVER_V4, 9090)
@@ -175,7 +173,6 @@ async def test_exploding_interceptor_resets_only_its_own_flow(
         assert await recv_until_eof(calm_client) == b""
         for sock in (calm_client, doomed_client, doomed_server):
             sock.close()
-        listener.close()
     # And the server keeps taking new flows.
     seen, back = await exchange(lab, b"after")
     assert (seen, back) == (b"after", b"after")
@@ -186,6 +183,52 @@ async def test_exploding_interceptor_resets_only_its_own_flow(
     assert "ZeroDivisionError" in log
     assert "flow 2 close reason=interceptor_failed" in log
     assert "flow 1 close reason=closed" in log
+
+
+async def pass_on(
+    flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield chunk
+
+
+async def pass_on_and_swallow_errors(
+    flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """Ends quietly however its source ends: the relay must still tell a reset from an EOF."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except OSError:
+        return
+
+
+@pytest.mark.parametrize("interceptor", [pass_on, pass_on_and_swallow_errors])
+@pytest.mark.parametrize("resetting_side", ["server", "client"])
+async def test_a_reset_on_an_intercepted_flow_resets_the_other_side(
+    inside_proxy: Lab, interceptor: Interceptor, resetting_side: str
+) -> None:
+    lab = inside_proxy
+    events = EventLog()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_library_proxy, events, {"interceptors": [interceptor]})
+        with trio.fail_after(10):
+            async with open_flow(lab, SERVER_V4) as (client, server, _):
+                await send_all(client, b"up")
+                assert await recv_exactly(server, 2) == b"up"
+                await send_all(server, b"down")
+                assert await recv_exactly(client, 4) == b"down"
+                aborting, survivor = (server, client)
+                if resetting_side == "client":
+                    aborting, survivor = client, server
+                reset_close(aborting)
+                # A RST, not a FIN: recv fails rather than reading to a clean EOF.
+                with pytest.raises(ConnectionResetError):
+                    await recv_until_eof(survivor)
+            (closed,) = await events.wait_for(FlowClosed)
+        nursery.cancel_scope.cancel()
+    assert closed.reason == f"{resetting_side}_reset"
+    assert events.of_type(InterceptorFailed) == []
 
 
 async def test_a_stalled_interceptor_stops_reading_its_side(inside_proxy: Lab) -> None:
@@ -203,24 +246,22 @@ async def test_a_stalled_interceptor_stops_reading_its_side(inside_proxy: Lab) -
     sent = 0
     async with trio.open_nursery() as nursery:
         await nursery.start(run_library_proxy, EventLog(), {"interceptors": [wait_for_gate]})
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        # Push as much as the path will take while the interceptor is stalled.
-        with trio.move_on_after(2):
-            while sent < len(payload):
-                sent += await client.send(payload[sent : sent + (1 << 20)])
-        # Only the kernel's socket buffers hold anything: the proxy read nothing more.
-        assert sent < 24 << 20, f"{sent} bytes accepted while the interceptor was stalled"
-        gate.set()
-        with trio.fail_after(30):
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            # Push as much as the path will take while the interceptor is stalled.
+            with trio.move_on_after(2):
+                while sent < len(payload):
+                    sent += await client.send(payload[sent : sent + (1 << 20)])
+            # Only the kernel's socket buffers hold anything: the proxy read nothing more.
+            assert sent < 24 << 20, f"{sent} bytes accepted while the interceptor was stalled"
+            gate.set()
+            with trio.fail_after(30):
 
-            async def finish_sending() -> None:
-                await send_all(client, payload[sent:])
-                client.shutdown(socket.SHUT_WR)
+                async def finish_sending() -> None:
+                    await send_all(client, payload[sent:])
+                    client.shutdown(socket.SHUT_WR)
 
-            nursery.start_soon(finish_sending)
-            assert await recv_until_eof(server, limit=len(payload)) == payload
-        for sock in (client, server, listener):
-            sock.close()
+                nursery.start_soon(finish_sending)
+                assert await recv_until_eof(server, limit=len(payload)) == payload
         nursery.cancel_scope.cancel()
 
 
@@ -246,8 +287,7 @@ async def test_generators_are_closed_however_the_flow_ends(inside_proxy: Lab) ->
                 await run_library_proxy(events, {"interceptors": [watch]}, task_status=task_status)
 
         await nursery.start(proxy)
-        listener = await listen(lab.server, SERVER_V4, 9090)
-        with trio.fail_after(10):
+        with await listen(lab.server, SERVER_V4, 9090) as listener, trio.fail_after(10):
             # Flow 1 ends cleanly, flow 2 by a client reset, flow 3 by the proxy stopping.
             ended_cleanly, _ = await exchange_on(lab, listener, reset=False)
             await exchange_on(lab, listener, reset=True)
@@ -259,7 +299,7 @@ async def test_generators_are_closed_however_the_flow_ends(inside_proxy: Lab) ->
             proxy_scope.cancel()
             with pytest.raises(ConnectionResetError):
                 await recv_until_eof(client)
-        for sock in (client, server, listener):
+        for sock in (client, server):
             sock.close()
     assert set(closed) == {(flow, d) for flow in (1, 2, 3) for d in Direction}
     assert len(closed) == 6
@@ -328,9 +368,9 @@ async def test_example_http_header(lab: Lab, cli_proxy: CliProxy) -> None:
             nursery.start_soon(http_server, listener, seen)
             client = await connect(lab.client, SERVER_V4, 9090)
             post = b"POST /up HTTP/1.1\r\nHost: s\r\nContent-Length: %d\r\n\r\n" % len(body)
-            # Two requests on one connection, the second head split across writes.
+            # Two requests on one connection, the second head split across reads.
             await send_all(client, post + body + b"GET /a HTTP/1.1\r\nHo")
-            await trio.sleep(0.05)
+            await until_the_proxy_has_read(lab, client)
             await send_all(client, b"st: s\r\n\r\n")
             first = await recv_exactly(client, 37 + len(str(len(body))) + len(body))
             second = await recv_exactly(client, 38)
@@ -349,18 +389,16 @@ async def test_example_redis_log(lab: Lab, cli_proxy: CliProxy) -> None:
         b"*3\r\n$3\r\nSET\r\n$5\r\nfruit\r\n$5\r\napple\r\n*2\r\n$3\r\nGET\r\n$5\r\nfruit\r\n"
     )
     with trio.fail_after(10):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        # Pipelined, and cut in the middle of a bulk string.
-        await send_all(client, commands[:30])
-        await trio.sleep(0.05)
-        await send_all(client, commands[30:] + b"PING\r\n")
-        expected = commands + b"PING\r\n"
-        assert await recv_exactly(server, len(expected)) == expected
-        replies = b"+OK\r\n$5\r\napple\r\n+PONG\r\n"
-        await send_all(server, replies)
-        assert await recv_exactly(client, len(replies)) == replies
-        for sock in (client, server, listener):
-            sock.close()
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            # Pipelined, and cut in the middle of a bulk string.
+            await send_all(client, commands[:30])
+            await until_the_proxy_has_read(lab, client)
+            await send_all(client, commands[30:] + b"PING\r\n")
+            expected = commands + b"PING\r\n"
+            assert await recv_exactly(server, len(expected)) == expected
+            replies = b"+OK\r\n$5\r\napple\r\n+PONG\r\n"
+            await send_all(server, replies)
+            assert await recv_exactly(client, len(replies)) == replies
     assert cli_proxy.stop() == 0
     for line in ("redis SET fruit apple", "redis GET fruit", "redis PING"):
         assert f"flow 1 {line}" in cli_proxy.log
@@ -378,7 +416,6 @@ async def test_example_corrupt_every_nth_byte(lab: Lab, cli_proxy: CliProxy) -> 
             for size in (150, 1, 49, 300):  # reads that straddle the 100-byte marks
                 await send_all(client, bytes(size))
                 seen.append(await recv_exactly(client, size))
-                await trio.sleep(0.02)
             client.close()
         nursery.cancel_scope.cancel()
     got = b"".join(seen)

@@ -6,20 +6,24 @@ import json
 import re
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import trio
+from cli_tools import uproxy_command
 from lab_tools import (
     CliProxy,
     connect,
     connect_expecting_reset,
     echo_server,
+    eventually,
     eventually_async,
     listen,
+    listeners,
+    open_flow,
     recv_exactly,
     recv_until_eof,
     send_all,
-    uproxy_command,
 )
 
 from uproxy_netns import SERVER_V4, Lab
@@ -225,6 +229,40 @@ async def test_at_debug_the_steps_of_a_flow_are_logged_too(lab: Lab, cli_proxy: 
         "DEBUG uproxy_trio.flow: flow 1 server closed its side",
     ]
     assert re.fullmatch(CLOSE_LINE, lines[4])
+
+
+EXPLODE = """
+async def explode(flow, direction, chunks):
+    async for chunk in chunks:
+        1 / 0
+        yield chunk
+"""
+
+
+async def test_json_logs_name_the_worker_and_carry_the_traceback(
+    lab: Lab, cli_proxy: CliProxy, tmp_path: Path
+) -> None:
+    interceptor = tmp_path / "explode.py"
+    interceptor.write_text(EXPLODE)
+    cli_proxy.start("--log-format", "json", "--workers", "2", "-i", f"{interceptor}:explode")
+    await eventually(lambda: listeners(lab.proxy) == 4)
+    with trio.fail_after(20):
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            await send_all(client, b"boom")
+            for side in (client, server):  # the flow is reset on both sides
+                with pytest.raises(ConnectionResetError):
+                    await recv_until_eof(side)
+    assert cli_proxy.stop() == 0
+    entries = [json.loads(line) for line in cli_proxy.log.splitlines()]  # all of them JSON
+    # Each worker's lines say which worker wrote them; the supervisor's say nothing.
+    assert {entry.get("worker") for entry in entries} == {"worker 1/2", "worker 2/2", None}
+    assert all("worker" not in entry for entry in entries if entry["logger"] == "uproxy.workers")
+    (failed,) = [entry for entry in entries if entry.get("event") == "interceptor_failed"]
+    assert failed["worker"] in {"worker 1/2", "worker 2/2"}
+    assert failed["error"] == "ZeroDivisionError: division by zero"
+    assert failed["traceback"].startswith("Traceback (most recent call last):")
+    assert failed["traceback"].rstrip().endswith("ZeroDivisionError: division by zero")
+    assert "1 / 0" in failed["traceback"]
 
 
 @pytest.mark.parametrize(

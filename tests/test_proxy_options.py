@@ -25,6 +25,15 @@ def test_options_that_cannot_work_are_refused_at_once(
         Proxy(**options)
 
 
-def test_sensible_options_make_a_proxy() -> None:
-    proxy = Proxy(connect_timeout=0.5, idle_timeout=30, max_flows=10)
-    assert proxy.active_flows == 0
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_flows": 1},
+        {"connect_timeout": 0.001},
+        {"idle_timeout": 0.001},
+        {"idle_timeout": None, "max_flows": None},
+        {"connect_timeout": 0.5, "idle_timeout": 30, "max_flows": 10},
+    ],
+)
+def test_the_least_that_can_work_is_taken(options: dict[str, Any]) -> None:
+    Proxy(**options)  # no ValueError: one flow, or a millisecond, is little but works

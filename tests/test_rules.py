@@ -13,12 +13,22 @@ import time
 
 import pytest
 import trio
-from lab_tools import CliProxy, connect, listen, recv_until_eof, send_all, uproxy_command
+from cli_tools import LISTEN_BOTH, run_uproxy
+from lab_tools import (
+    ADDRESSES,
+    CliProxy,
+    connect,
+    listen,
+    open_flow,
+    recv_exactly,
+    recv_until_eof,
+    send_all,
+)
 
 from uproxy_netns import SERVER_V4, Lab, Namespace, TproxySetup
+from uproxy_trio import format_address
 
 BACKENDS = ["nft", "iptables"]
-LISTEN_BOTH = ["--listen", "127.0.0.1:9091", "--listen", "[::1]:9091"]
 # The lab's proxy host: clients arrive on ens6, servers answer on ens7.
 LAB_INTERFACES = ["--in-interface", "ens6", "--out-interface", "ens7"]
 
@@ -27,13 +37,6 @@ LAB_INTERFACES = ["--in-interface", "ens6", "--out-interface", "ens7"]
 CHURN_FLOWS = 3000
 CHURN_CLIENT_PORTS = (20000, 20499)
 CHURN_CONCURRENCY = 50
-
-
-def run_uproxy(*args: str, namespace: Namespace | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [*uproxy_command(), *args]
-    if namespace is not None:
-        argv = namespace.exec_argv(argv)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_nft_rules_send_bare_syns_to_tproxy_and_everything_else_by_socket() -> None:
@@ -190,6 +193,33 @@ def test_apply_twice_changes_nothing_and_remove_leaves_nothing_behind(
     assert host_state(proxy) == before
 
 
+@pytest.mark.lab
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
+async def test_flows_go_through_the_proxy_behind_the_rules_uproxy_rules_applies(
+    plain_lab: Lab, backend: str, client_ip: str, server_ip: str
+) -> None:
+    lab = plain_lab
+    done = run_uproxy("rules", "--backend", backend, *LISTEN_BOTH, "--apply", namespace=lab.proxy)
+    assert done.returncode == 0, done.stderr
+    proxy = CliProxy(lab)
+    try:
+        proxy.start()
+        with trio.fail_after(10):
+            async with open_flow(lab, server_ip) as (client, server, peer):
+                assert peer[0] == client_ip
+                await send_all(client, b"up")
+                assert await recv_exactly(server, 2) == b"up"
+                await send_all(server, b"down")
+                assert await recv_exactly(client, 4) == b"down"
+    finally:
+        assert proxy.stop() == 0
+    # Through the proxy, not past it: a plain router would carry the bytes as well.
+    ends = (format_address((client_ip, peer[1])), format_address((server_ip, 9090)))
+    assert "flow 1 open client={} server={}".format(*ends) in proxy.log
+    assert "client_to_server=2 server_to_client=4" in proxy.log
+
+
 def tcp_counters(namespace: Namespace) -> dict[str, int]:
     """Absolute TCP retransmission counters of a namespace (nstat -s: no history update)."""
     output = namespace.run(["nstat", "-asz", "TcpRetransSegs", "TcpExtTCPSynRetrans"])
@@ -281,12 +311,26 @@ async def test_port_reuse_while_the_proxy_holds_time_wait_costs_no_syn_retransmi
     assert set(retransmits.values()) == {0}, retransmits
 
 
+# The condition that keeps a bare SYN away from the "socket exists" shortcut, as `uproxy
+# rules` writes it for each backend.
+BARE_SYN_EXCLUSION = {"nft": "tcp flags & (fin | syn | rst | ack) != syn ", "iptables": "! --syn "}
+
+
 @pytest.mark.lab
-async def test_the_seed_shortcut_sends_reused_ports_into_time_wait(plain_lab: Lab) -> None:
-    """The control for the test above: with the seed's plain ``-m socket`` shortcut the same
-    churn costs SYN retransmits, so the counters there do detect the fault."""
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_without_the_bare_syn_exclusion_reused_ports_cost_syn_retransmits(
+    plain_lab: Lab, backend: str
+) -> None:
+    """The control for the test above: the script ``uproxy rules`` prints, with only the
+    bare-SYN exclusion taken out, makes the same churn cost SYN retransmits. So the counters
+    there do detect the fault, and the exclusion is what prevents it."""
     lab = plain_lab
-    lab.install_tproxy(TproxySetup())  # the seed's rules: no bare-SYN exclusion
+    done = run_uproxy("rules", "--backend", backend, *LISTEN_BOTH)
+    assert done.returncode == 0, done.stderr
+    exclusion = BARE_SYN_EXCLUSION[backend]
+    # One shortcut rule each way (clients' packets, servers' answers) per IP version.
+    assert done.stdout.count(exclusion) == 4
+    lab.proxy.run(["bash"], input=done.stdout.replace(exclusion, ""))
     first, last = CHURN_CLIENT_PORTS
     lab.client.sysctl({"net.ipv4.ip_local_port_range": f"{first} {last}"})
     proxy = CliProxy(lab)

@@ -77,8 +77,7 @@ async def flow_through(
 ) -> AsyncIterator[tuple[trio.socket.SocketType, trio.socket.SocketType]]:
     """``(client, server)`` of a new flow through the proxy; every socket of it, the
     listener too, is closed when the block ends, however it ends."""
-    listener, client, server, _ = await open_flow(lab, server_ip, port)
-    with listener, client, server:
+    async with open_flow(lab, server_ip, port) as (client, server, _):
         yield client, server
 
 

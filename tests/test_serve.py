@@ -6,12 +6,14 @@ import os
 import re
 import signal
 import socket
-import subprocess
 
 import pytest
 import trio
+from cli_tools import run_uproxy
 from lab_tools import (
     ADDRESSES,
+    SCHEDULING_ALLOWANCE_S,
+    TIMEOUT_LATENESS,
     CliProxy,
     connect,
     echo_server,
@@ -21,7 +23,7 @@ from lab_tools import (
     recv_until_eof,
     send_all,
     silent_server_port,
-    uproxy_command,
+    until_the_proxy_has_read,
 )
 
 from uproxy_netns import SERVER_V4, Lab
@@ -35,14 +37,12 @@ async def test_server_sees_the_client_and_the_client_sees_the_server(
 ) -> None:
     cli_proxy.start()
     with trio.fail_after(10):
-        listener, client, server, peer = await open_flow(lab, server_ip)
-        assert peer[:2] == client.getsockname()[:2]
-        assert peer[0] == client_ip
-        assert client.getpeername()[:2] == (server_ip, 9090)
-        await send_all(client, b"hello")
-        assert await recv_exactly(server, 5) == b"hello"
-        for sock in (client, server, listener):
-            sock.close()
+        async with open_flow(lab, server_ip) as (client, server, peer):
+            assert peer[:2] == client.getsockname()[:2]
+            assert peer[0] == client_ip
+            assert client.getpeername()[:2] == (server_ip, 9090)
+            await send_all(client, b"hello")
+            assert await recv_exactly(server, 5) == b"hello"
     assert cli_proxy.stop() == 0
     # The flow's life is one line at its close: who, where to, and how it ended.
     port = peer[1]
@@ -64,22 +64,20 @@ async def test_32_mib_each_way_at_once_arrives_byte_exact(
     upload, download = os.urandom(size), os.urandom(size)
     received: dict[str, bytes] = {}
     with trio.fail_after(60):
-        listener, client, server, _ = await open_flow(lab, server_ip)
+        async with open_flow(lab, server_ip) as (client, server, _):
 
-        async def send_then_fin(sock: trio.socket.SocketType, data: bytes) -> None:
-            await send_all(sock, data)
-            sock.shutdown(socket.SHUT_WR)
+            async def send_then_fin(sock: trio.socket.SocketType, data: bytes) -> None:
+                await send_all(sock, data)
+                sock.shutdown(socket.SHUT_WR)
 
-        async def drain(name: str, sock: trio.socket.SocketType) -> None:
-            received[name] = await recv_until_eof(sock, limit=size)
+            async def drain(name: str, sock: trio.socket.SocketType) -> None:
+                received[name] = await recv_until_eof(sock, limit=size)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_then_fin, client, upload)
-            nursery.start_soon(send_then_fin, server, download)
-            nursery.start_soon(drain, "server", server)
-            nursery.start_soon(drain, "client", client)
-    for sock in (client, server, listener):
-        sock.close()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_then_fin, client, upload)
+                nursery.start_soon(send_then_fin, server, download)
+                nursery.start_soon(drain, "server", server)
+                nursery.start_soon(drain, "client", client)
     assert received["server"] == upload
     assert received["client"] == download
     assert cli_proxy.stop() == 0
@@ -91,21 +89,21 @@ async def test_label_marks_every_read_both_ways(lab: Lab, cli_proxy: CliProxy) -
     cli_proxy.start("--label", "<via uproxy>")
     label = b"<via uproxy>\n"
     with trio.fail_after(10):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        await send_all(client, b"hello")
-        client.shutdown(socket.SHUT_WR)
-        at_server = await recv_until_eof(server)
-        await send_all(server, b"world")
-        server.close()
-        at_client = await recv_until_eof(client)
-    client.close()
-    listener.close()
-    # Each read got exactly one label at its end; the bytes between labels are the original.
-    for original, seen in ((b"hello", at_server), (b"world", at_client)):
-        assert seen.endswith(label)
-        pieces = seen.split(label)[:-1]
-        assert b"".join(pieces) == original
-        assert all(pieces)
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            # Two reads for certain, each labelled.
+            await send_all(client, b"hel")
+            await until_the_proxy_has_read(lab, client)
+            await send_all(client, b"lo")
+            client.shutdown(socket.SHUT_WR)
+            assert await recv_until_eof(server) == b"hel" + label + b"lo" + label
+            # However the proxy happens to read: one label after each read, none empty.
+            await send_all(server, b"world")
+            server.close()
+            at_client = await recv_until_eof(client)
+    assert at_client.endswith(label)
+    pieces = at_client.split(label)[:-1]
+    assert b"".join(pieces) == b"world"
+    assert all(pieces)
 
 
 async def test_connect_timeout_resets_a_client_whose_server_is_silent(
@@ -114,13 +112,14 @@ async def test_connect_timeout_resets_a_client_whose_server_is_silent(
     with silent_server_port(lab, 9094):
         cli_proxy.start("--connect-timeout", "0.5")
         with trio.fail_after(10):
-            client = await connect(lab.client, SERVER_V4, 9094)
+            # From before the handshake: the proxy's clock starts when it accepts, after it.
             started = trio.current_time()
+            client = await connect(lab.client, SERVER_V4, 9094)
             with pytest.raises(ConnectionResetError):
                 await recv_until_eof(client)
             waited = trio.current_time() - started
         client.close()
-    assert 0.4 <= waited < 3
+    assert 0.5 <= waited <= 0.5 * TIMEOUT_LATENESS + SCHEDULING_ALLOWANCE_S
     assert cli_proxy.stop() == 0
     assert "failed: timeout: no answer in time; resetting client" in cli_proxy.log
 
@@ -173,12 +172,7 @@ def test_signal_stops_the_server_cleanly(lab: Lab, cli_proxy: CliProxy, sig: int
 
 def test_address_in_use_is_one_line_and_exit_1(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start()
-    done = subprocess.run(
-        lab.proxy.exec_argv([*uproxy_command(), "serve", "--listen", "127.0.0.1:9091"]),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_uproxy("serve", "--listen", "127.0.0.1:9091", namespace=lab.proxy)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "uproxy: error: cannot listen on 127.0.0.1:9091: address already in use"

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from lab_tools import uproxy_command
+from cli_tools import uproxy_command
 
 from uproxy_cli._spec import SpecError, load_interceptor
 from uproxy_trio import Direction, Flow

@@ -17,6 +17,7 @@ from lab_tools import (
     open_flow,
     raise_own_fd_limit,
     recv_exactly,
+    recv_until_eof,
     reset_close,
     send_all,
 )
@@ -82,16 +83,14 @@ async def test_a_direction_no_interceptor_touches_is_spliced_beside_one_that_is_
     cli_proxy.start("--interceptor", f"{interceptor}:upload_only")
     download = os.urandom(8 << 20)
     with trio.fail_after(30):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_all, server, download)
-            assert await recv_exactly(client, len(download)) == download
-        # The download went through pipes (the pool keeps them); the upload still works.
-        assert cli_proxy.open_pipes() > 0
-        await send_all(client, b"up")
-        assert await recv_exactly(server, 2) == b"up"
-    for sock in (client, server, listener):
-        sock.close()
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all, server, download)
+                assert await recv_exactly(client, len(download)) == download
+            # The download went through pipes (the pool keeps them); the upload still works.
+            assert cli_proxy.open_pipes() > 0
+            await send_all(client, b"up")
+            assert await recv_exactly(server, 2) == b"up"
     assert cli_proxy.stop() == 0
 
 
@@ -100,22 +99,18 @@ async def test_a_reset_in_the_middle_of_a_splice_is_passed_on(
 ) -> None:
     cli_proxy.start()
     with trio.fail_after(20):
-        listener, client, server, _ = await open_flow(lab, SERVER_V4)
-
-        async def stream() -> None:
-            # Ends with ECONNRESET or EPIPE once the reset arrives; anything else fails.
-            try:
-                while True:
-                    await client.send(b"z" * (1 << 20))
-            except (ConnectionResetError, BrokenPipeError):
-                return
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream)
-            await recv_exactly(server, 4 << 20)  # well into the bulk, so spliced
+        async with open_flow(lab, SERVER_V4) as (client, server, _):
+            # The server streams and the client only reads: the proxy holds no byte from the
+            # client, so closing its socket gives a RST only if the proxy asks for one, and a
+            # FIN otherwise. What the client sees is what the proxy sent.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all, server, bytes(64 << 20))
+                await recv_exactly(client, 4 << 20)  # well into the bulk, so spliced
+                nursery.cancel_scope.cancel()
             reset_close(server)
-    client.close()
-    listener.close()
+            # A RST fails the client's recv; a FIN would read to a clean EOF.
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(client, limit=64 << 20)
     assert cli_proxy.stop() == 0
     assert "close reason=server_reset" in cli_proxy.log
 
@@ -131,10 +126,25 @@ def test_an_idle_flow_costs_the_proxy_at_most_12_kib(lab: Lab, cli_proxy: CliPro
     assert cli_proxy.stop() == 0
 
 
-def test_the_open_file_limit_is_raised_and_logged(lab: Lab, cli_proxy: CliProxy) -> None:
+async def test_the_open_file_limit_is_raised_logged_and_used(lab: Lab, cli_proxy: CliProxy) -> None:
     cli_proxy.start(wrap=["prlimit", "--nofile=1024:4096", "--"])
-    assert cli_proxy.status("Pid")
-    limits = Path(f"/proc/{cli_proxy.pid}/limits").read_text()
+    limits = Path(f"/proc/{cli_proxy.pid}/limits").read_text()  # noqa: ASYNC240 - in memory
     assert re.search(r"Max open files\s+4096\s+4096", limits)
     assert "open-file limit raised from 1024 to 4096" in cli_proxy.log
+    # Two descriptors a flow: 600 flows at once are past the soft limit it started with.
+    raise_own_fd_limit()
+    flows: list[trio.socket.SocketType] = []
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(60):
+            for _ in range(600):
+                client = await connect(lab.client, SERVER_V4, 9090)
+                flows.append(client)
+                await send_all(client, b"!")
+                assert await recv_exactly(client, 1) == b"!"
+            assert cli_proxy.open_fds() > 1024 + 100
+            for client in flows:
+                client.close()
+        nursery.cancel_scope.cancel()
     assert cli_proxy.stop() == 0

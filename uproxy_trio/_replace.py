@@ -70,7 +70,8 @@ def regex_replace(
     max_match: int = 4096,
     direction: Direction | str | None = None,
 ) -> Interceptor:
-    """``re.sub(pattern, replacement, stream)`` for matches of at most ``max_match`` bytes.
+    """``re.sub(pattern, replacement, stream)`` for a pattern that reads at most ``max_match``
+    bytes from where a match starts, lookaheads included (``a(?!bb)`` reads three).
 
     Python's ``re`` cannot say whether a tail might still match, so the last ``max_match``
     bytes are held back until more arrive or the direction ends: use it on streams that keep
