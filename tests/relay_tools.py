@@ -8,11 +8,13 @@ then ``close_flow``. Loopback TCP gives the real FIN, RST and splice paths.
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from typing import Self
 
 import trio
 
@@ -172,12 +174,23 @@ class LongestStep(trio.abc.Instrument):
     """The longest single task step: how long the loop went without running anyone else.
 
     Counted in this thread's CPU time, so that other processes on a busy host (the load
-    generators, other test runs) do not count as the loop's stall.
+    generators, other test runs) do not count as the loop's stall; and with the garbage
+    collector off while it is installed, since a collection in the test process walks all of
+    pytest's heap (``uproxy serve`` freezes its start-up objects out of the collector's way).
     """
 
     def __init__(self) -> None:
         self.longest = 0.0
         self._started = 0.0
+
+    def __enter__(self) -> Self:
+        gc.disable()
+        trio.lowlevel.add_instrument(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        trio.lowlevel.remove_instrument(self)
+        gc.enable()
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._started = time.thread_time()

@@ -119,40 +119,38 @@ async def test_a_reactor_round_is_bounded_and_a_fresh_edge_goes_first() -> None:
     busy_count, turn_s = 40, 0.001
     with pairs(busy_count + 1) as made:
         readinesses = [Readiness() for _ in made]
-        busy = [BusyPump(turn_s, turns=100) for _ in range(busy_count)]
+        busy = [BusyPump(turn_s, turns=10_000) for _ in range(busy_count)]
         fresh = BusyPump(0, turns=1)
-        steps = LongestStep()
-        trio.lowlevel.add_instrument(steps)
-        try:
+        with LongestStep() as steps:
             async with reactor_running() as reactor, trio.open_nursery() as nursery:
                 with ExitStack() as watching:
                     for (_, inner), readiness in zip(made, readinesses, strict=True):
                         watching.enter_context(reactor.watch(inner, readiness, Side.CLIENT))
                     for readiness, pump in zip(readinesses, busy, strict=False):
-                        nursery.start_soon(_pump_after_first_turn, readiness, pump)
-                    await trio.testing.wait_all_tasks_blocked()
+                        await nursery.start(_pump_after_first_turn, readiness, pump)
                     for outer, _ in made[:busy_count]:
                         outer.send(b"x")  # each busy pump's first edge
                     await trio.sleep(0.02)  # the busy pumps fill the reactor's queue
                     assert sum(pump.turns for pump in busy) > busy_count
                     with trio.fail_after(5):
-                        nursery.start_soon(_pump_after_first_turn, readinesses[-1], fresh)
-                        await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+                        await nursery.start(_pump_after_first_turn, readinesses[-1], fresh)
                         before = sum(pump.turns for pump in busy)
                         made[-1][0].send(b"x")
                         while not fresh.turns:
                             await trio.lowlevel.checkpoint()
                     # Served within about one round, not after every busy pump's next turn.
                     assert sum(pump.turns for pump in busy) - before < busy_count
+                    assert all(pump.left for pump in busy), "the busy pumps were still busy"
                     nursery.cancel_scope.cancel()
-        finally:
-            trio.lowlevel.remove_instrument(steps)
     # A round stops once ROUND_S (4 ms) has passed, a turn over: well under 20 ms.
     assert steps.longest < 0.02
 
 
-async def _pump_after_first_turn(readiness: Readiness, pump: BusyPump) -> None:
-    """Hand ``pump`` to the reactor before its first edge (its first turn is the reactor's)."""
+async def _pump_after_first_turn(
+    readiness: Readiness, pump: BusyPump, task_status: trio.TaskStatus[None]
+) -> None:
+    """Hand ``pump`` to the reactor before its first edge (its first turn is the reactor's);
+    started once its task is parked."""
     real_turn = pump.turn
     first = True
 
@@ -160,6 +158,7 @@ async def _pump_after_first_turn(readiness: Readiness, pump: BusyPump) -> None:
         nonlocal first
         if first:
             first = False
+            task_status.started()  # the task parks right after this turn, with no await
             return Turn.STUCK
         return real_turn()
 

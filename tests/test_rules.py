@@ -200,7 +200,11 @@ async def test_flows_go_through_the_proxy_behind_the_rules_uproxy_rules_applies(
     plain_lab: Lab, backend: str, client_ip: str, server_ip: str
 ) -> None:
     lab = plain_lab
-    done = run_uproxy("rules", "--backend", backend, *LISTEN_BOTH, "--apply", namespace=lab.proxy)
+    done = run_uproxy(
+        "rules",
+        *("--backend", backend, *LAB_INTERFACES, "--port", "9090", *LISTEN_BOTH, "--apply"),
+        namespace=lab.proxy,
+    )
     assert done.returncode == 0, done.stderr
     proxy = CliProxy(lab)
     try:
@@ -216,7 +220,7 @@ async def test_flows_go_through_the_proxy_behind_the_rules_uproxy_rules_applies(
         assert proxy.stop() == 0
     # Through the proxy, not past it: a plain router would carry the bytes as well.
     ends = (format_address((client_ip, peer[1])), format_address((server_ip, 9090)))
-    assert "flow 1 open client={} server={}".format(*ends) in proxy.log
+    assert "flow 1 close reason=closed client={} server={}".format(*ends) in proxy.log
     assert "client_to_server=2 server_to_client=4" in proxy.log
 
 
@@ -325,7 +329,9 @@ async def test_without_the_bare_syn_exclusion_reused_ports_cost_syn_retransmits(
     bare-SYN exclusion taken out, makes the same churn cost SYN retransmits. So the counters
     there do detect the fault, and the exclusion is what prevents it."""
     lab = plain_lab
-    done = run_uproxy("rules", "--backend", backend, *LISTEN_BOTH)
+    done = run_uproxy(
+        "rules", "--backend", backend, *LAB_INTERFACES, "--port", "9090", *LISTEN_BOTH
+    )
     assert done.returncode == 0, done.stderr
     exclusion = BARE_SYN_EXCLUSION[backend]
     # One shortcut rule each way (clients' packets, servers' answers) per IP version.

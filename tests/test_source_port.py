@@ -12,8 +12,6 @@ from uproxy_netns import CLIENT_V4, SERVER_V4, Lab
 from uproxy_trio import UpstreamFailed
 from uproxy_trio._transparent import IP_TRANSPARENT
 
-CLIENT_PORT = 40124
-
 
 async def test_ephemeral_source_port_relays_where_the_client_port_is_taken(
     inside_proxy: Lab,
@@ -31,10 +29,11 @@ async def test_ephemeral_source_port_relays_where_the_client_port_is_taken(
             squatter = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             squatter.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
             squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            await squatter.bind((CLIENT_V4, CLIENT_PORT))
+            await squatter.bind((CLIENT_V4, 0))  # a port free on the proxy host
             await squatter.connect((SERVER_V4, 9090))
+            client_port = squatter.getsockname()[1]
             client = trio.socket.from_stdlib_socket(lab.client.socket(socket.AF_INET))
-            await client.bind((CLIENT_V4, CLIENT_PORT))
+            await client.bind((CLIENT_V4, client_port))
             await client.connect((SERVER_V4, 9090))
             await send_all(client, b"still here")
             assert await recv_exactly(client, 10) == b"still here"
@@ -42,5 +41,5 @@ async def test_ephemeral_source_port_relays_where_the_client_port_is_taken(
             sock.close()
         nursery.cancel_scope.cancel()
     assert not events.of_type(UpstreamFailed)
-    (peer,) = [peer for peer in peers if peer[1] != CLIENT_PORT]
+    (peer,) = [peer for peer in peers if peer[1] != client_port]
     assert peer[0] == CLIENT_V4  # the server still sees the client's own IP

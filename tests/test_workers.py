@@ -148,7 +148,8 @@ OPENED_BY_WORKER = re.compile(r"worker (\d+)/\d+ uproxy_trio\.flow: flow \d+ ope
 
 
 async def test_max_flows_is_shared_out_between_the_workers(lab: Lab, cli_proxy: CliProxy) -> None:
-    cli_proxy.start("--workers", "2", "--max-flows", "2")
+    # At debug each flow logs its opening, with the worker that took it.
+    cli_proxy.start("--workers", "2", "--max-flows", "2", "--log-level", "debug")
     await both_workers_serving(lab, cli_proxy)
     served: dict[int, trio.socket.SocketType] = {}  # by the client's port
     finishing = False
