@@ -43,27 +43,24 @@ def _show_flags_bare(params: Iterable[Any]) -> None:
             param.metavar = ""
 
 
-class Command(typer.core.TyperCommand):
-    """Typer's command, with its flags (``--help`` included) shown bare."""
+class _FlagsShownBare:
+    """Shows a command's flags (``--help`` included) with nothing after them."""
+
+    params: list[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _show_flags_bare(self.params)
 
     def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
+        option = super().get_help_option(ctx)  # type: ignore[misc]
         _show_flags_bare([option])
         return option
 
 
-class Group(typer.core.TyperGroup):
-    """Typer's group of commands, with its flags (``--help`` included) shown bare."""
+class Command(_FlagsShownBare, typer.core.TyperCommand):
+    """Typer's command, with its flags shown bare."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _show_flags_bare(self.params)
 
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        _show_flags_bare([option])
-        return option
+class Group(_FlagsShownBare, typer.core.TyperGroup):
+    """Typer's group of commands, with its flags shown bare."""
