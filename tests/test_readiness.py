@@ -82,7 +82,7 @@ async def test_a_cancelled_pump_is_detached_at_once_and_moves_nothing_more() -> 
                 trio.fail_after(5),
             ):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(way.relay)
+                    nursery.start_soon(readiness.pump, way)
                     await write_all(client, b"before")
                     await eventually(lambda: way.written == 6)
                     nursery.cancel_scope.cancel()
@@ -111,6 +111,9 @@ class BusyPump:
         self.turns += 1
         self.left -= 1
         return Turn.DONE if self.left <= 0 else Turn.MORE
+
+    def detached(self) -> None:
+        pass
 
 
 async def test_a_reactor_round_is_bounded_and_a_fresh_edge_goes_first() -> None:

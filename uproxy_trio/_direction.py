@@ -7,10 +7,11 @@ it ended. ``Way`` adds the sockets and moves the bytes, on one of two paths:
 
 * **plain** (no interceptor): ``Way`` is a ``Pump``. Its task hands it to the reactor
   (``Readiness.pump``), which runs it on each edge and wakes the task once, when the direction
-  is over. Small reads (requests, responses, keystrokes) go through ``recv_into``/``send`` on
-  one buffer shared by every flow, two system calls and no allocation; once a read fills that
-  buffer the direction is moving bulk and switches to splice(2) through a pipe, where the bytes
-  never enter Python; when a splice comes back small it switches back (HAProxy's splice-auto).
+  is over (``end`` then says how). Small reads (requests, responses, keystrokes) go through
+  ``recv_into``/``send`` on one buffer shared by every flow, two system calls and no
+  allocation; once a read fills that buffer the direction is moving bulk and switches to
+  splice(2) through a pipe, where the bytes never enter Python; when a splice comes back
+  small it switches back (HAProxy's splice-auto).
 * **intercepted**: the direction's task reads chunks for the interceptor chain
   (``Way.chunks``) and writes what the chain yields (``Way.send_all``), waiting on the same
   readiness.
@@ -239,15 +240,6 @@ class Way(DirectionState):
 
     # -- the plain path ---------------------------------------------------------------------
 
-    async def relay(self) -> EndKind:
-        """Move this direction until it ends, through the reactor; how it ended."""
-        try:
-            await self.readiness.pump(self)
-        finally:
-            self.release()
-        assert self.end is not None
-        return self.end
-
     def turn(self) -> Turn:
         """Move what can be moved now, up to ``TURN_BYTES``, without blocking."""
         readiness, readable, writable = self.readiness, self.readable, self.writable
@@ -354,6 +346,10 @@ class Way(DirectionState):
         if not self.held and not self.splicing:
             self.release()
         return delivered
+
+    def detached(self) -> None:
+        """The reactor has let this direction go (it is over, or its task was cancelled)."""
+        self.release()
 
     def release(self) -> None:
         """Give the pipe back to the pool, or close it if it still holds bytes."""

@@ -38,7 +38,7 @@ from typing import Protocol, Self
 
 import outcome
 import trio
-from trio.lowlevel import Abort, RaiseCancelT, Task
+from trio.lowlevel import Abort, RaiseCancelT
 
 # Edges per reactor wake-up at most; more wait for the next round.
 MAX_EVENTS = 1024
@@ -109,16 +109,29 @@ class Pump(Protocol):
 
     def turn(self) -> Turn: ...
 
+    def detached(self) -> None:
+        """The pump will not be run again (its direction is over, or its task cancelled): let
+        go of what it holds."""
+
 
 class _Parked:
-    """A task parked on some of a flow's bits, with the pump the reactor runs for it, if any."""
+    """A task parked on some of a flow's bits, with the pump the reactor runs for it, if any.
 
-    __slots__ = ("mask", "pump", "task")
+    Its ``abort`` is what Trio calls to cancel the wait: a bound method rather than a closure
+    per wait, since thousands of idle flows each keep two of these.
+    """
 
-    def __init__(self, mask: int, task: Task, pump: Pump | None) -> None:
+    __slots__ = ("mask", "pump", "readiness", "task")
+
+    def __init__(self, readiness: Readiness, mask: int, pump: Pump | None) -> None:
+        self.readiness = readiness
         self.mask = mask
-        self.task = task
+        self.task = trio.lowlevel.current_task()
         self.pump = pump
+
+    def abort(self, _: RaiseCancelT) -> Abort:
+        self.readiness._forget(self)
+        return Abort.SUCCEEDED
 
 
 class Readiness:
@@ -151,7 +164,7 @@ class Readiness:
         if self._bits & mask:
             await trio.lowlevel.checkpoint()
             return
-        await self._park(mask, None)
+        await trio.lowlevel.wait_task_rescheduled(self._park(mask, None).abort)
 
     async def pump(self, pump: Pump) -> None:
         """Run ``pump`` until its direction is over: here while it has bytes to move, then by
@@ -159,14 +172,17 @@ class Readiness:
 
         Cancelling the task detaches the pump at once: from then on not a byte moves.
         """
-        while True:
-            turn = pump.turn()
-            if turn is Turn.DONE:
-                return
-            if turn is Turn.STUCK:
-                break
-            await trio.lowlevel.checkpoint()
-        await self._park(pump.mask, pump)
+        try:
+            while True:
+                turn = pump.turn()
+                if turn is Turn.DONE:
+                    return
+                if turn is Turn.STUCK:
+                    break
+                await trio.lowlevel.checkpoint()
+            await trio.lowlevel.wait_task_rescheduled(self._park(pump.mask, pump).abort)
+        finally:
+            pump.detached()
 
     def notify(self, bits: int) -> bool:
         """Set ``bits`` (the reactor's job) and wake the tasks waiting for them; true if a
@@ -198,24 +214,22 @@ class Readiness:
                 more = True
         return more
 
-    async def _park(self, mask: int, pump: Pump | None) -> None:
+    def _park(self, mask: int, pump: Pump | None) -> _Parked:
+        """Note the current task as parked on ``mask``; it then waits, with no await between."""
         for parked in self._parked:
             if parked.mask & mask:
                 raise trio.BusyResourceError("another task is already waiting on these sockets")
-        parked = _Parked(mask, trio.lowlevel.current_task(), pump)
+        parked = _Parked(self, mask, pump)
         self._parked.append(parked)
         self._count(parked, 1)
+        return parked
 
-        def abort(_: RaiseCancelT) -> Abort:
-            self._parked.remove(parked)
-            self._count(parked, -1)
-            return Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def _unpark(self, parked: _Parked, result: outcome.Outcome[None]) -> None:
+    def _forget(self, parked: _Parked) -> None:
         self._parked.remove(parked)
         self._count(parked, -1)
+
+    def _unpark(self, parked: _Parked, result: outcome.Outcome[None]) -> None:
+        self._forget(parked)
         trio.lowlevel.reschedule(parked.task, result)
 
     def _count(self, parked: _Parked, change: int) -> None:
