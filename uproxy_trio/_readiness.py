@@ -121,13 +121,14 @@ class _Parked:
     per wait, since thousands of idle flows each keep two of these.
     """
 
-    __slots__ = ("mask", "pump", "readiness", "task")
+    __slots__ = ("mask", "more", "pump", "readiness", "task")
 
     def __init__(self, readiness: Readiness, mask: int, pump: Pump | None) -> None:
         self.readiness = readiness
         self.mask = mask
         self.task = trio.lowlevel.current_task()
         self.pump = pump
+        self.more = False  # the pump's last turn ended with more to move
 
     def abort(self, _: RaiseCancelT) -> Abort:
         self.readiness._forget(self)
@@ -141,10 +142,11 @@ class Readiness:
     reading the same socket would each see half the bytes.
     """
 
-    __slots__ = ("_bits", "_parked", "_pumped", "_waiting", "queued")
+    __slots__ = ("_bits", "_edges", "_parked", "_pumped", "_waiting", "queued")
 
     def __init__(self, bits: int = 0) -> None:
         self._bits = bits
+        self._edges = 0  # bits newly set since the pumps last ran
         self._parked: list[_Parked] = []
         self._waiting = 0  # tasks parked on bits
         self._pumped = 0  # tasks parked while the reactor runs their pumps
@@ -187,6 +189,10 @@ class Readiness:
     def notify(self, bits: int) -> bool:
         """Set ``bits`` (the reactor's job) and wake the tasks waiting for them; true if a
         pump should now run and the flow is not queued for that yet."""
+        # A pump only waits on a bit it has cleared, so only a bit that was clear is news to
+        # one; epoll reports a socket's every ready state with each edge ("writable" comes
+        # along with every read), which would run both directions for each message.
+        self._edges |= bits & ~self._bits
         self._bits |= bits
         if self._waiting:
             for parked in [parked for parked in self._parked if parked.mask & bits]:
@@ -198,9 +204,19 @@ class Readiness:
         return False
 
     def run_pumps(self) -> bool:
-        """Give each pump parked here one turn; true if any has more to move now."""
+        """Give a turn to each pump parked here that an edge since the last round concerns,
+        or that had more to move; true if any has more to move now.
+
+        A request on a kept-alive connection is one edge on one socket: only the direction
+        reading it (or writing to it) runs, not the other one too.
+        """
+        edges, self._edges = self._edges, 0
         more = False
-        for parked in [parked for parked in self._parked if parked.pump is not None]:
+        for parked in [
+            parked
+            for parked in self._parked
+            if parked.pump is not None and (parked.more or parked.mask & edges)
+        ]:
             pump = parked.pump
             assert pump is not None
             try:
@@ -210,8 +226,9 @@ class Readiness:
                 continue
             if turn is Turn.DONE:
                 self._unpark(parked, outcome.Value(None))
-            elif turn is Turn.MORE:
-                more = True
+            else:
+                parked.more = turn is Turn.MORE
+                more = more or parked.more
         return more
 
     def _park(self, mask: int, pump: Pump | None) -> _Parked:
