@@ -45,7 +45,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class TransparencyUnavailable(PermissionError):
-    """The process may not set ``IP_TRANSPARENT``: it lacks CAP_NET_ADMIN."""
+    """The process may not set ``IP_TRANSPARENT``: it has neither CAP_NET_ADMIN nor CAP_NET_RAW."""
 
 
 def _make_transparent(sock: socket.socket, family: socket.AddressFamily) -> None:
