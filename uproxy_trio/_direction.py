@@ -163,6 +163,18 @@ class DirectionState:
         self.can_splice = self.splicing = False
 
     @staticmethod
+    def drains_to_eof(size: int, capacity: int, peer_closed: int) -> bool:
+        """Whether a read of ``size`` bytes, ``capacity`` asked, took the last bytes before
+        the source's EOF: it came back short after the peer's FIN had arrived.
+
+        Those bytes are sent to go out with the FIN. Sent at once, they would reach the other
+        side a scheduling round before the FIN (which the direction's task passes on), and a
+        client that closes as soon as it has a response would close first: the TIME_WAIT, and
+        its hunt for a free port, would move from the proxy to the client.
+        """
+        return size < capacity and bool(peer_closed)
+
+    @staticmethod
     def emptied(size: int, capacity: int, peer_closed: int) -> bool:
         """Whether a read of ``size`` bytes, ``capacity`` asked, emptied the socket.
 
@@ -274,8 +286,14 @@ class Way(DirectionState):
         self.copied(size, capacity)
         if not size:
             return 0
+        peer_closed = self.readiness.bits & self.closed
         try:
-            sent = self.sink.send(buffer[:size])
+            if self.drains_to_eof(size, capacity, peer_closed):
+                # The source's FIN is next: let these bytes leave with it, when the task passes
+                # the FIN on (shutdown and close push them out), as the server sent them.
+                sent = self.sink.send(buffer[:size], socket.MSG_MORE)
+            else:
+                sent = self.sink.send(buffer[:size])
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -286,7 +304,7 @@ class Way(DirectionState):
             # The sink is full: keep the rest out of the shared buffer until it is writable.
             self.backlog = memoryview(bytes(buffer[sent:size]))
             self.readiness.clear(self.writable)
-        if self.emptied(size, capacity, self.readiness.bits & self.closed):
+        if self.emptied(size, capacity, peer_closed):
             self.readiness.clear(self.readable)
         return sent
 
