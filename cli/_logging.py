@@ -27,6 +27,7 @@ from uproxy_trio import (
 )
 
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 EVENT_NAMES: dict[type[Any], str] = {
     FlowOpened: "flow_open",

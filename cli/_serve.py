@@ -26,6 +26,7 @@ from uproxy_trio import (
     log_event,
 )
 
+from ._config import ConfigFile
 from ._errors import CommandError
 from ._logging import setup_logging
 from ._metrics import MULTIPROC_ENV, Metrics, in_multiprocess_mode, serve_metrics
@@ -40,6 +41,8 @@ Args = TypeVarTuple("Args")
 # or some had to be reset.
 EXIT_DRAINED = 0
 EXIT_FLOWS_RESET = 1
+
+SOURCE_PORTS = ("keep", "ephemeral")
 
 
 def run_unwrapped(async_fn: Callable[[*Args], Awaitable[int]], *args: *Args) -> int:
@@ -82,6 +85,8 @@ class ServeOptions:
     log_level: str
     log_format: str
     metrics: Address | None
+    config: ConfigFile | None
+    """The config file as it was read at the start, its routes loaded."""
 
 
 def run_serve(options: ServeOptions) -> int:
@@ -93,6 +98,7 @@ def run_serve(options: ServeOptions) -> int:
     raise_fd_limit()
     metrics = Metrics() if options.metrics is not None or in_multiprocess_mode() else None
     proxy = Proxy(
+        routes=options.config.routes if options.config is not None else None,
         interceptors=options.interceptors,
         connect_timeout=options.connect_timeout,
         idle_timeout=options.idle_timeout,
@@ -148,6 +154,7 @@ def _run_workers(options: ServeOptions) -> int:
         *(["--user", options.user] if options.user is not None else []),
         *(["--group", options.group] if options.group is not None else []),
         *("--log-level", options.log_level, "--log-format", options.log_format),
+        *(["--config", str(options.config.path)] if options.config is not None else []),
         *("--workers", "1"),
     ]
     with ExitStack() as cleanup:
@@ -197,6 +204,7 @@ async def run_proxy(
             bound = await nursery.start(serve)
             after_bind()
             LOGGER.info("ready on %s", ", ".join(format_address(a) for a in bound))
+
             first = await anext(aiter(signals))
             LOGGER.info(
                 "%s received: draining %d flows for up to %ss (a second signal resets them)",
