@@ -267,7 +267,7 @@ def serve(
             metavar="FILE.toml",
             envvar="UPROXY_CONFIG",
             help="Options and [[routes]] from a TOML file (keys: the long options, with _ for "
-            "-); the command line overrides it.",
+            "-); the command line overrides it. SIGHUP reloads its routes.",
             dir_okay=False,
         ),
     ] = None,
@@ -282,7 +282,7 @@ def serve(
 
     With --config, [[routes]] in the file choose each flow's interceptors and timeouts, the
     first route that matches winning; --interceptor and --label are for the flows no route
-    takes.
+    takes. SIGHUP reloads the routes: new flows take the new ones, flows in flight keep theirs.
 
     Exit status after SIGTERM/SIGINT: 0 when every flow finished within --grace, 1 when some
     had to be reset.

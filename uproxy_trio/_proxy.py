@@ -223,6 +223,11 @@ class Proxy:
         self._idle_timeouts_changed.set()
         self._idle_timeouts_changed = trio.Event()
 
+    @property
+    def routes(self) -> Routes | None:
+        """The routes new flows are taken by (``None``: no routes)."""
+        return None if self._routes is None else self._routes[0]
+
     def _plan(self, flow: Flow) -> _Plan:
         """What ``flow`` does: its route's plan, or the proxy's own when no route takes it."""
         table = self._routes
