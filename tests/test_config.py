@@ -3,6 +3,7 @@ is refused (one line naming the file and the key, exit 2, before anything is bou
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,28 +14,14 @@ from uproxy_cli._app import app
 from uproxy_cli._config import OPTIONS, ConfigError, read_config
 from uproxy_trio import Route
 
-# The issue's example, as the README shows it.
-EXAMPLE = """
-listen = ["127.0.0.1:9091", "[::1]:9091"]   # top-level keys are serve's long options
-log_level = "info"
+ROOT = Path(__file__).resolve().parent.parent
 
-[[routes]]
-name = "slow-db"
-transport = "tcp"
-client = "192.0.2.0/24"
-server = "198.51.100.0/24"
-port = "5432"
-interceptors = ["uproxy_trio.interceptors:delay(0.3)"]
-idle_timeout = 60
 
-[[routes]]
-name = "redis"
-port = 6379
-interceptors = [
-    'uproxy_trio.interceptors:replace(b"GET", b"get")',
-    "uproxy_netns.interceptors:identity",
-]
-"""
+def readme_config_files() -> list[str]:
+    """The TOML blocks of the README's "Routes and the config file": the file's shape, then
+    the example."""
+    section = (ROOT / "README.md").read_text().split("### Routes and the config file")[1]
+    return re.findall(r"```toml\n(.*?)```", section.split("\n### ")[0], re.DOTALL)
 
 
 def written(tmp_path: Path, text: str) -> Path:
@@ -53,10 +40,11 @@ def test_the_files_keys_are_serves_long_options() -> None:
     assert set(OPTIONS) == long_options
 
 
-def test_the_issues_example_reads_as_options_and_routes_in_file_order(tmp_path: Path) -> None:
-    config = read_config(written(tmp_path, EXAMPLE))
+def test_the_files_shape_in_the_readme_reads_as_options_and_a_route(tmp_path: Path) -> None:
+    shape, _ = readme_config_files()
+    config = read_config(written(tmp_path, shape))
     assert config.options == {"listen": ["127.0.0.1:9091", "[::1]:9091"], "log_level": "info"}
-    slow_db, redis = config.routes
+    (slow_db,) = config.routes
     assert isinstance(slow_db, Route)
     assert (slow_db.name, slow_db.transport, slow_db.client, slow_db.server, slow_db.port) == (
         "slow-db",
@@ -65,14 +53,27 @@ def test_the_issues_example_reads_as_options_and_routes_in_file_order(tmp_path: 
         "198.51.100.0/24",
         "5432",
     )
-    assert slow_db.idle_timeout == 60
-    assert slow_db.connect_timeout is None
+    assert (slow_db.idle_timeout, slow_db.connect_timeout) == (60, None)
     assert len(slow_db.interceptors) == 1
-    assert callable(slow_db.interceptors[0])
-    assert (redis.name, redis.port, len(redis.interceptors)) == ("redis", 6379, 2)
     assert config.routes.match("tcp", ("192.0.2.9", 1), ("198.51.100.7", 5432)) is slow_db
-    assert config.routes.match("tcp", ("203.0.113.9", 1), ("198.51.100.7", 5432)) is None
-    assert config.routes.match("tcp", ("203.0.113.9", 1), ("198.51.100.7", 6379)) is redis
+    assert config.routes.match("udp", ("192.0.2.9", 1), ("198.51.100.7", 5432)) is None
+
+
+def test_the_readmes_example_routes_redis_and_one_subnets_database_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, example = readme_config_files()
+    monkeypatch.chdir(ROOT)  # its SPEC names examples/redis_log.py, as a user in the repo would
+    routes = read_config(written(tmp_path, example)).routes
+
+    def taken(client: str, port: int) -> str | None:
+        route = routes.match("tcp", (client, 40000), ("198.51.100.2", port))
+        return None if route is None else route.name
+
+    assert taken("203.0.113.5", 6379) == "redis-log"
+    assert taken("192.0.2.2", 5432) == "slow-db"
+    assert taken("203.0.113.5", 5432) is None
+    assert taken("192.0.2.2", 9090) is None
 
 
 def test_a_file_without_routes_has_an_empty_table(tmp_path: Path) -> None:
