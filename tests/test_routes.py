@@ -161,6 +161,7 @@ def test_a_port_range_includes_both_ends(port: int, expected: str | None) -> Non
         (("2001:db8:2::", 1), None),
         # An IPv4 network never holds an IPv6 address, even one that embeds it.
         (("::ffff:192.0.2.2", 1), None),
+        (("::c000:202", 1), None),
     ],
 )
 def test_client_networks_of_both_families(client: tuple[str, int], expected: str | None) -> None:

@@ -5,13 +5,13 @@ address and opens the flow's nursery; its cancel scope is how the flow is torn d
 the reason: the connect timeout (the scope's deadline), the idle timeout and the end of the
 grace period (the sweep and ``drain`` cancel it), a reset on either side (the relay task that
 saw it cancels it). What a flow does (its interceptor chains, its timeouts) is its route's
-``_Plan``, chosen once when the flow starts; a flow no route takes has the proxy's own. In
-the nursery run two relay tasks, one per direction (``_relay``). A direction that no
-interceptor touches hands its pump to the reactor and sleeps until it is over; one with
-interceptors drives its chain from its task. Either way the task itself then
-does the end-of-direction work: it passes an EOF on as a FIN, or decides that the flow is
-reset (``FlowEnding``) and cancels the scope. Back in ``_run_flow``, both sockets close: with a
-FIN, or with a RST when the flow did not end cleanly.
+``_Plan``, chosen once when the flow starts; a flow no route takes has the proxy's own. In the
+nursery run two relay tasks, one per direction (``_relay``). A direction that no interceptor
+touches hands its pump to the reactor and sleeps until it is over; one with interceptors drives
+its chain from its task. Either way the task itself then does the end-of-direction work: it
+passes an EOF on as a FIN, or decides that the flow is reset (``FlowEnding``) and cancels the
+scope. Back in ``_run_flow``, both sockets close: with a FIN, or with a RST when the flow did
+not end cleanly.
 
 Sockets are plain non-blocking sockets, registered once with the proxy's ``Reactor`` (an
 edge-triggered epoll): a read or write is tried at once and a task only waits when the kernel

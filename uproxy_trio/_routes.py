@@ -1,15 +1,15 @@
 """Which route a flow takes: the routes a user wrote, in order, and the first one that matches.
 
-A route picks flows by transport, client network, server network and server port (any of
-them, all when absent), and says what happens to them: their interceptors and timeouts. The
-proxy asks ``Routes.position`` once per flow, at accept, so matching must cost little next to
-a flow's life even with many routes. A loop over 100 routes costs about 2 µs in CPython
-before it compares anything useful; instead the table is cut, per dimension, into intervals
-(ports, and addresses as integers per IP family) that each carry the bit mask of the routes
-they satisfy. A flow's candidates are those masks ANDed, dimension by dimension, stopping as
-soon as none is left; the lowest bit left is the first route in file order. A dimension no
-remaining candidate constrains is skipped, so a flow pays for a client address only when a
-route that could still match names a client network. ``tests/perf_routes.py`` measures it.
+A route picks flows by transport, client network, server network and server port (any of them,
+all when absent), and says what happens to them: their interceptors and timeouts. The proxy
+asks ``Routes.position`` once per flow, at accept, so matching must cost little next to a
+flow's life even with many routes. A loop over 100 routes cost 1.8 µs here comparing ports
+alone, so instead the table is cut, per dimension, into intervals (ports, and addresses per IP
+family) that each carry the bit mask of the routes they satisfy. A flow's
+candidates are those masks ANDed, dimension by dimension, stopping as soon as none is left; the
+lowest bit left is the first route in file order. A dimension no remaining candidate constrains
+is skipped, so a flow pays for a client address only when a route that could still match names
+a client network. ``tests/perf_routes.py`` measures it.
 """
 
 from __future__ import annotations
