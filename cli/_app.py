@@ -266,8 +266,8 @@ def serve(
             "-c",
             metavar="FILE.toml",
             envvar="UPROXY_CONFIG",
-            help="Options and [[routes]] from a TOML file (keys: the long options, with _ for "
-            "-); the command line overrides it. SIGHUP reloads its routes.",
+            help="Options and routes from a TOML file (keys: the long options, with _ for -); "
+            "the command line overrides it. SIGHUP reloads its routes.",
             dir_okay=False,
         ),
     ] = None,
@@ -280,8 +280,8 @@ def serve(
       UPROXY_LISTEN=127.0.0.1:9091 uproxy serve -i my_interceptors.py:shout
       uproxy serve --config /etc/uproxy.toml
 
-    With --config, [[routes]] in the file choose each flow's interceptors and timeouts, the
-    first route that matches winning; --interceptor and --label are for the flows no route
+    With --config, the file's routes choose each flow's interceptors and timeouts, the first
+    route that matches winning; --interceptor and --label are for the flows no route
     takes. SIGHUP reloads the routes: new flows take the new ones, flows in flight keep theirs.
 
     Exit status after SIGTERM/SIGINT: 0 when every flow finished within --grace, 1 when some
