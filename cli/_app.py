@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import errno
 import sys
-from collections.abc import Sequence
-from typing import Annotated
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 import uproxy_trio
-from uproxy_trio import Address, Interceptor, TransparencyUnavailable, parse_address
+from uproxy_trio import Address, TransparencyUnavailable, parse_address
 from uproxy_trio.interceptors import label as label_interceptor
 
 from ._bench import bench
 from ._check import check
+from ._config import ConfigError, read_config
 from ._demo import demo
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
 from ._help import Command, Group, choices, help_of
 from ._lab import lab_app
-from ._logging import LOG_FORMATS
+from ._logging import LOG_FORMATS, LOG_LEVELS
 from ._privileges import resolve_identity
 from ._rules import rules
-from ._serve import ServeOptions, run_serve
-from ._spec import SpecError, load_interceptor
+from ._serve import SOURCE_PORTS, ServeOptions, run_serve
+from ._spec import load_interceptor
 from ._workers import cpu_count
 
 app = typer.Typer(
@@ -35,44 +37,68 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-SOURCE_PORTS = ("keep", "ephemeral")
+T = TypeVar("T")
 
-
-def _parse_listen(values: Sequence[str]) -> list[Address]:
-    addresses = []
-    for value in values:
-        try:
-            addresses.append(parse_address(value))
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="'--listen'") from None
-    return addresses
-
-
-def _load_interceptors(specs: Sequence[str]) -> list[Interceptor]:
-    try:
-        return [load_interceptor(spec) for spec in specs]
-    except SpecError as exc:
-        raise typer.BadParameter(str(exc), param_hint="'--interceptor'") from None
+# Where a value comes from when it is not on the command line or in its UPROXY_ variable
+# (click's ParameterSource, by name: Typer vendors click, so its module path changes).
+_UNGIVEN = ("DEFAULT", "DEFAULT_MAP")
 
 
 def _parse_workers(value: str) -> int:
     if value == "auto":
         return cpu_count()
     if not value.isdigit() or int(value) < 1:
-        raise typer.BadParameter(
-            f"{value!r} is not a number of workers (1 or more, or auto)", param_hint="'--workers'"
-        )
+        raise ValueError(f"{value!r} is not a number of workers (1 or more, or auto)")
     return int(value)
 
 
 def _parse_metrics(value: str | None) -> Address | None:
-    if value is None:
-        return None
-    try:
-        return parse_address(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="'--metrics'") from None
+    return None if value is None else parse_address(value)
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value.lower() not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+class _Options:
+    """``serve``'s option values: from the command line (or its UPROXY_ variables), else from
+    the config file, else the defaults; each checked with the one check it has, and a bad one
+    reported where it came from (``'--log-level'``, or the file and its key)."""
+
+    def __init__(self, ctx: typer.Context, config: Path | None) -> None:
+        self.values: dict[str, Any] = dict(ctx.params)
+        self.file = None
+        self._from_file: set[str] = set()
+        if config is None:
+            return
+        try:
+            self.file = read_config(config)
+        except ConfigError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+        for key, value in self.file.options.items():
+            source = ctx.get_parameter_source(key)
+            if source is None or source.name in _UNGIVEN:
+                self.values[key] = value
+                self._from_file.add(key)
+
+    def bad(self, key: str, message: str) -> Exception:
+        if self.file is not None and key in self._from_file:
+            return CommandError(str(self.file.error(key, message)), EXIT_USAGE)
+        return typer.BadParameter(message, param_hint=f"'--{key.replace('_', '-')}'")
+
+    def checked(self, key: str, check: Callable[[Any], T]) -> T:
+        try:
+            return check(self.values[key])
+        except ValueError as exc:  # SpecError included
+            raise self.bad(key, str(exc)) from None
+
+    def each(self, key: str, check: Callable[[str], T]) -> list[T]:
+        return self.checked(key, lambda values: [check(value) for value in values or ()])
 
 
 def _version(value: bool) -> None:
@@ -92,6 +118,7 @@ def _root(
 
 
 def serve(
+    ctx: typer.Context,
     listen: Annotated[
         list[str] | None,
         typer.Option(
@@ -232,6 +259,18 @@ def serve(
             help="json: one object per line (a flow's end is event=flow_close).",
         ),
     ] = "text",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="FILE.toml",
+            envvar="UPROXY_CONFIG",
+            help="Options and routes from a TOML file (keys: the long options, with _ for -); "
+            "the command line overrides it. SIGHUP reloads its routes.",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> int:
     """Relay TPROXY'd flows from the client's own address to their original destination.
 
@@ -239,53 +278,51 @@ def serve(
     Examples, behind the rules `uproxy rules --apply` puts in place:
       uproxy serve --listen 127.0.0.1:9091 --listen [::1]:9091 --label '<via uproxy>'
       UPROXY_LISTEN=127.0.0.1:9091 uproxy serve -i my_interceptors.py:shout
+      uproxy serve --config /etc/uproxy.toml
+
+    With --config, the file's routes choose each flow's interceptors and timeouts, the first
+    route that matches winning; --interceptor and --label are for the flows no route
+    takes. SIGHUP reloads the routes: new flows take the new ones, flows in flight keep theirs.
 
     Exit status after SIGTERM/SIGINT: 0 when every flow finished within --grace, 1 when some
     had to be reset.
     """
-    if log_level.lower() not in LOG_LEVELS:
-        raise typer.BadParameter(
-            f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="'--log-level'"
-        )
-    addresses = _parse_listen(listen or ["127.0.0.1:9091"])
-    interceptors = _load_interceptors(interceptor or [])
+    given = _Options(ctx, config)
+    values = given.values
+    given.checked("log_level", _one_of(LOG_LEVELS))
+    listen = values["listen"] = values["listen"] or ["127.0.0.1:9091"]
+    addresses = given.each("listen", parse_address)
+    interceptors = given.each("interceptor", load_interceptor)
+    label = values["label"]
     if label is not None:
         interceptors.insert(0, label_interceptor(label))
+    user, group = values["user"], values["group"]
     if group is not None and user is None:
-        raise typer.BadParameter("--group needs --user", param_hint="'--group'")
+        raise given.bad("group", "--group needs --user (user in a config file)")
     identity = None
     if user is not None:
-        try:
-            identity = resolve_identity(user, group)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="'--user'") from None
-    if source_port not in SOURCE_PORTS:
-        raise typer.BadParameter(
-            f"{source_port!r} is not one of {', '.join(SOURCE_PORTS)}",
-            param_hint="'--source-port'",
-        )
-    if log_format not in LOG_FORMATS:
-        raise typer.BadParameter(
-            f"{log_format!r} is not one of {', '.join(LOG_FORMATS)}", param_hint="'--log-format'"
-        )
+        identity = given.checked("user", lambda name: resolve_identity(name, group))
+    given.checked("source_port", _one_of(SOURCE_PORTS))
+    given.checked("log_format", _one_of(LOG_FORMATS))
     options = ServeOptions(
-        listen=list(listen or ["127.0.0.1:9091"]),
+        listen=list(listen),
         addresses=addresses,
-        interceptor_specs=list(interceptor or []),
+        interceptor_specs=list(values["interceptor"] or []),
         interceptors=interceptors,
         label=label,
-        connect_timeout=connect_timeout,
-        grace=grace,
-        max_flows=max_flows,
-        idle_timeout=idle_timeout,
-        source_port=source_port,
+        connect_timeout=values["connect_timeout"],
+        grace=values["grace"],
+        max_flows=values["max_flows"],
+        idle_timeout=values["idle_timeout"],
+        source_port=values["source_port"],
         user=user,
         group=group,
         identity=identity,
-        workers=_parse_workers(workers),
-        log_level=log_level,
-        log_format=log_format,
-        metrics=_parse_metrics(metrics),
+        workers=given.checked("workers", _parse_workers),
+        log_level=values["log_level"],
+        log_format=values["log_format"],
+        metrics=given.checked("metrics", _parse_metrics),
+        config=given.file,
     )
     try:
         return run_serve(options)

@@ -2,8 +2,8 @@
 
 The library attaches each flow event to its log record (``record.flow_event``); the JSON
 formatter turns it into fields, so a flow's end is an object with ``"event": "flow_close"``,
-addresses as ``"ip:port"``, byte counts, the duration and whether interceptors ran, ready for
-jq or a log pipeline.
+addresses as ``"ip:port"``, byte counts, the duration, whether interceptors ran and the route
+the flow took (``"route"``, absent when none did), ready for jq or a log pipeline.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from uproxy_trio import (
 )
 
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 EVENT_NAMES: dict[type[Any], str] = {
     FlowOpened: "flow_open",
@@ -80,6 +81,8 @@ def event_fields(event: FlowEvent) -> dict[str, Any]:
         fields["bytes_server_to_client"] = event.bytes_server_to_client
         fields["duration_s"] = round(event.duration_s, 6)
         fields["intercepted"] = event.intercepted
+        if event.route is not None:
+            fields["route"] = event.route
     return fields
 
 

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVarTuple
 
 import trio
@@ -26,6 +27,7 @@ from uproxy_trio import (
     log_event,
 )
 
+from ._config import ConfigError, ConfigFile, read_config
 from ._errors import CommandError
 from ._logging import setup_logging
 from ._metrics import MULTIPROC_ENV, Metrics, in_multiprocess_mode, serve_metrics
@@ -40,6 +42,8 @@ Args = TypeVarTuple("Args")
 # or some had to be reset.
 EXIT_DRAINED = 0
 EXIT_FLOWS_RESET = 1
+
+SOURCE_PORTS = ("keep", "ephemeral")
 
 
 def run_unwrapped(async_fn: Callable[[*Args], Awaitable[int]], *args: *Args) -> int:
@@ -82,10 +86,15 @@ class ServeOptions:
     log_level: str
     log_format: str
     metrics: Address | None
+    config: ConfigFile | None
+    """The config file as it was read at the start, its routes loaded."""
 
 
 def run_serve(options: ServeOptions) -> int:
     """Run the proxy, or with ``--workers`` the supervisor of several; return the exit code."""
+    if options.config is not None:
+        # Until the proxy listens for SIGHUP, one would end the process (its default action).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     worker = worker_label()
     setup_logging(options.log_level, options.log_format, worker)
     if options.workers > 1 and worker is None:
@@ -93,6 +102,7 @@ def run_serve(options: ServeOptions) -> int:
     raise_fd_limit()
     metrics = Metrics() if options.metrics is not None or in_multiprocess_mode() else None
     proxy = Proxy(
+        routes=options.config.routes if options.config is not None else None,
         interceptors=options.interceptors,
         connect_timeout=options.connect_timeout,
         idle_timeout=options.idle_timeout,
@@ -118,9 +128,40 @@ def run_serve(options: ServeOptions) -> int:
     # kept out of the collector's full passes, which otherwise walk it over and over while
     # flows come and go (about 3% of the CPU per short flow, measured with gc off).
     gc.freeze()
+    reload = None if options.config is None else partial(reload_routes, proxy, options.config)
     return run_unwrapped(
-        run_proxy, proxy, options.addresses, options.grace, after_bind, metrics, serve_at
+        run_proxy, proxy, options.addresses, options.grace, after_bind, metrics, serve_at, reload
     )
+
+
+def reload_routes(proxy: Proxy, started_with: ConfigFile) -> None:
+    """SIGHUP: read the config file again and take new flows by its routes. A file that does
+    not read, or whose interceptors do not load, is refused in one line, and the routes in
+    use stay. Only ``[[routes]]`` are reloaded: the other keys take effect at the next start.
+
+    The file is read and its SPECs loaded on the event loop, which pauses the flows for as
+    long as that takes; a reload is rare, and it never leaves a half-made table.
+    """
+    path = started_with.path
+    try:
+        config = read_config(path)
+    except ConfigError as exc:
+        in_use = len(proxy.routes or ())
+        LOGGER.error("reload refused, the %d routes in use stay: %s", in_use, exc)
+        return
+    proxy.set_routes(config.routes)
+    LOGGER.info("reloaded %d routes from %s", len(config.routes), path)
+    changed = sorted(
+        key
+        for key in config.options.keys() | started_with.options.keys()
+        if config.options.get(key) != started_with.options.get(key)
+    )
+    if changed:
+        LOGGER.warning(
+            "%s: %s changed: from the next start (SIGHUP reloads [[routes]] only)",
+            path,
+            ", ".join(changed),
+        )
 
 
 def _both(first: EventSink, second: EventSink) -> EventSink:
@@ -148,6 +189,7 @@ def _run_workers(options: ServeOptions) -> int:
         *(["--user", options.user] if options.user is not None else []),
         *(["--group", options.group] if options.group is not None else []),
         *("--log-level", options.log_level, "--log-format", options.log_format),
+        *(["--config", str(options.config.path)] if options.config is not None else []),
         *("--workers", "1"),
     ]
     with ExitStack() as cleanup:
@@ -155,7 +197,13 @@ def _run_workers(options: ServeOptions) -> int:
             directory = tempfile.mkdtemp(prefix="uproxy-metrics-")
             cleanup.callback(shutil.rmtree, directory, ignore_errors=True)
             os.environ[MULTIPROC_ENV] = directory  # inherited by the workers
-        supervisor = Supervisor(lambda index: worker_args, count, options.grace, options.metrics)
+        supervisor = Supervisor(
+            lambda index: worker_args,
+            count,
+            options.grace,
+            options.metrics,
+            forward_reload=options.config is not None,
+        )
         return run_unwrapped(supervisor.run)
 
 
@@ -175,15 +223,19 @@ async def run_proxy(
     after_bind: Callable[[], None],
     metrics: Metrics | None,
     metrics_address: Address | None,
+    reload: Callable[[], None] | None = None,
 ) -> int:
     """Serve until SIGINT or SIGTERM, then drain: no new flows, ``grace`` seconds for those in
-    flight, then reset the rest. A second signal resets them at once.
+    flight, then reset the rest. A second signal resets them at once. With ``reload``,
+    SIGHUP calls it, at any time, and the proxy goes on.
 
     The signal receiver is opened before the listeners, so a signal that arrives while they
     are being bound still stops the proxy cleanly instead of raising KeyboardInterrupt.
     """
     flows_reset = 0
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    reload_signals = (signal.SIGHUP,) if reload is not None else ()
+    with trio.open_signal_receiver(*stop_signals, *reload_signals) as signals:
         async with trio.open_nursery() as nursery:
             if metrics is not None:
                 nursery.start_soon(metrics.keep_sampling, proxy)
@@ -197,28 +249,32 @@ async def run_proxy(
             bound = await nursery.start(serve)
             after_bind()
             LOGGER.info("ready on %s", ", ".join(format_address(a) for a in bound))
-            first = await anext(aiter(signals))
-            LOGGER.info(
-                "%s received: draining %d flows for up to %ss (a second signal resets them)",
-                signal.Signals(first).name,
-                proxy.active_flows,
-                grace,
-            )
 
             async def drain() -> None:
                 nonlocal flows_reset
                 flows_reset = await proxy.drain(grace)
 
-            nursery.start_soon(drain)
-            async for second in signals:
-                flows_reset = proxy.active_flows
-                LOGGER.warning(
-                    "%s received again: resetting %d flows",
-                    signal.Signals(second).name,
-                    flows_reset,
-                )
-                nursery.cancel_scope.cancel()
-                break
+            draining = False
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum in reload_signals:
+                    assert reload is not None
+                    reload()
+                elif not draining:
+                    LOGGER.info(
+                        "%s received: draining %d flows for up to %ss (a second signal resets "
+                        "them)",
+                        name,
+                        proxy.active_flows,
+                        grace,
+                    )
+                    nursery.start_soon(drain)
+                    draining = True
+                else:
+                    flows_reset = proxy.active_flows
+                    LOGGER.warning("%s received again: resetting %d flows", name, flows_reset)
+                    nursery.cancel_scope.cancel()
+                    break
     if flows_reset:
         LOGGER.warning("stopped; %d flows were reset", flows_reset)
         return EXIT_FLOWS_RESET

@@ -4,8 +4,8 @@ Each worker is a whole ``uproxy serve`` of its own that binds the same addresses
 SO_REUSEPORT, so the kernel spreads new flows across them; that works behind TPROXY too,
 whose listener lookup goes through the same reuseport group. The parent binds nothing: it
 starts the workers one after the other (a bind error is then reported once, by the first),
-forwards SIGTERM/SIGINT to them, and restarts a worker that dies on its own, saying so, unless
-they keep dying.
+forwards SIGTERM/SIGINT (and, with a config file, SIGHUP: each worker reloads its routes) to
+them, and restarts a worker that dies on its own, saying so, unless they keep dying.
 """
 
 from __future__ import annotations
@@ -73,8 +73,11 @@ class Supervisor:
         count: int,
         grace: float,
         metrics: Address | None = None,
+        *,
+        forward_reload: bool = False,
     ) -> None:
         self._argv_for = argv_for
+        self._reload_signals = (signal.SIGHUP,) if forward_reload else ()
         self._metrics = metrics
         self._count = count
         self._grace = grace
@@ -84,7 +87,9 @@ class Supervisor:
         self._deaths: deque[float] = deque()
 
     async def run(self) -> int:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(
+            signal.SIGINT, signal.SIGTERM, *self._reload_signals
+        ) as signals:
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._forward, signals)
                 if self._metrics is not None:
@@ -106,7 +111,8 @@ class Supervisor:
 
     async def _forward(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
-            self._stopping = True
+            if signum not in self._reload_signals:
+                self._stopping = True
             LOGGER.info(
                 "%s received: passing it to %d workers",
                 signal.Signals(signum).name,

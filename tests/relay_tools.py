@@ -21,7 +21,13 @@ import trio
 from uproxy_trio import Direction, Flow, FlowEvent, Interceptor
 from uproxy_trio._direction import SharedBuffers, Way
 from uproxy_trio._ending import FlowEnding
-from uproxy_trio._proxy import _LiveFlow, close_flow, relay_direction
+from uproxy_trio._proxy import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    _LiveFlow,
+    _Plan,
+    close_flow,
+    relay_direction,
+)
 from uproxy_trio._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from uproxy_trio._splice import SPLICE_AVAILABLE, PipePool
 
@@ -88,7 +94,8 @@ async def relay_one(
     ):
         try:
             async with trio.open_nursery() as nursery:
-                live = _LiveFlow(nursery.cancel_scope, flow.ending)
+                plan = _Plan(None, (), DEFAULT_CONNECT_TIMEOUT_S, None)  # its chains: below
+                live = _LiveFlow(nursery.cancel_scope, flow.ending, plan)
                 flow.ways = live.ways = (
                     Way(
                         Direction.CLIENT_TO_SERVER,

@@ -18,7 +18,7 @@ def test_version() -> None:
 def test_help_shows_serve_options() -> None:
     done = run_uproxy("serve", "--help")
     assert done.returncode == 0
-    for option in ("--listen", "--connect-timeout", "--label", "--interceptor"):
+    for option in ("--listen", "--connect-timeout", "--label", "--interceptor", "--config"):
         assert option in done.stdout
 
 

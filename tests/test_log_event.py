@@ -119,3 +119,18 @@ def test_json_flow_close_is_the_same_object_plus_intercepted(intercepted: bool) 
     entry = json.loads(JsonFormatter(None).format(record))
     assert entry["intercepted"] is intercepted
     assert entry["event"] == "flow_close"
+
+
+def test_a_routed_flow_names_its_route_at_the_end_of_its_close_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    closed = FlowClosed(FLOW, "closed", "client", 5, 6, 0.0031, True, "slow-db")
+    assert logged(caplog, logging.INFO, (closed,)) == [
+        (logging.INFO, CLOSE_LINE.replace("intercepted=false", "intercepted=true route=slow-db"))
+    ]
+
+
+def test_json_flow_close_names_the_route_when_a_route_took_the_flow() -> None:
+    routed = FlowClosed(FLOW, "closed", "client", 5, 6, 0.0031, False, "spliced-db")
+    assert event_fields(routed)["route"] == "spliced-db"
+    assert "route" not in event_fields(CLOSED)

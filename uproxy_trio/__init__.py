@@ -19,6 +19,7 @@ from ._events import (
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, directions, in_own_task, interceptor_factory
 from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
+from ._routes import Route, Routes
 from ._transparent import TransparencyUnavailable, transparency_available
 
 __version__ = "0.1.0"
@@ -37,6 +38,8 @@ __all__ = [
     "Interceptor",
     "InterceptorFailed",
     "Proxy",
+    "Route",
+    "Routes",
     "TransparencyUnavailable",
     "UpstreamConnected",
     "UpstreamFailed",

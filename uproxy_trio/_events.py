@@ -80,7 +80,8 @@ class FlowClosed:
     ``interceptor_failed``, ``idle_timeout``, ``cancelled``, ``upstream_<why>`` or
     ``refused_<why>``; the byte counts are what the proxy delivered to the server and to the
     client; ``intercepted`` is whether interceptors ran on the flow's bytes (false for a flow
-    relayed as it is).
+    relayed as it is); ``route`` is the name of the route the flow took (``None``: no route
+    took it).
     """
 
     flow: Flow
@@ -91,6 +92,8 @@ class FlowClosed:
     duration_s: float
     intercepted: bool = False
     """Whether interceptors ran on the flow."""
+    route: str | None = None
+    """The route the flow took, ``None`` when none did."""
 
 
 FlowEvent: TypeAlias = (
@@ -123,9 +126,10 @@ def log_event(event: FlowEvent) -> None:
     """The default sink: one log line per event on the ``uproxy_trio.flow`` logger.
 
     At INFO a flow writes one line, when it closes: client, server, how it ended, bytes each
-    way, duration and whether interceptors ran. DEBUG adds its opening, the upstream connect
-    and each half-close. Each record carries the event itself as ``record.flow_event``, so a
-    formatter can render it as structured data (``uproxy serve --log-format json`` does).
+    way, duration, whether interceptors ran and, for a flow a route took, ``route=NAME``.
+    DEBUG adds its opening, the upstream connect and each half-close. Each record carries
+    the event itself as ``record.flow_event``, so a formatter can render it as structured
+    data (``uproxy serve --log-format json`` does).
     """
     level = _LEVELS.get(type(event), logging.INFO)
     if not LOGGER.isEnabledFor(level):
@@ -137,7 +141,7 @@ def log_event(event: FlowEvent) -> None:
         LOGGER.log(
             level,
             "flow %d close reason=%s client=%s server=%s first=%s client_to_server=%d "
-            "server_to_client=%d duration=%.3fs intercepted=%s",
+            "server_to_client=%d duration=%.3fs intercepted=%s%s",
             flow.id,
             event.reason,
             format_address(flow.client),
@@ -147,6 +151,7 @@ def log_event(event: FlowEvent) -> None:
             event.bytes_server_to_client,
             event.duration_s,
             "true" if event.intercepted else "false",
+            "" if event.route is None else f" route={event.route}",
             extra=extra,
         )
     elif isinstance(event, FlowOpened):

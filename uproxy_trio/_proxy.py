@@ -4,12 +4,14 @@ Each accepted connection gets a task (``_run_flow``) that connects out from the 
 address and opens the flow's nursery; its cancel scope is how the flow is torn down, whatever
 the reason: the connect timeout (the scope's deadline), the idle timeout and the end of the
 grace period (the sweep and ``drain`` cancel it), a reset on either side (the relay task that
-saw it cancels it). In the nursery run two relay tasks, one per direction (``_relay``). A
-direction that no interceptor touches hands its pump to the reactor and sleeps until it is
-over; one with interceptors drives its chain from its task. Either way the task itself then
-does the end-of-direction work: it passes an EOF on as a FIN, or decides that the flow is
-reset (``FlowEnding``) and cancels the scope. Back in ``_run_flow``, both sockets close: with a
-FIN, or with a RST when the flow did not end cleanly.
+saw it cancels it). What a flow does (its interceptor chains, its timeouts) is its route's
+``_Plan``, chosen once when the flow starts; a flow no route takes has the proxy's own. In the
+nursery run two relay tasks, one per direction (``_relay``). A direction that no interceptor
+touches hands its pump to the reactor and sleeps until it is over; one with interceptors drives
+its chain from its task. Either way the task itself then does the end-of-direction work: it
+passes an EOF on as a FIN, or decides that the flow is reset (``FlowEnding``) and cancels the
+scope. Back in ``_run_flow``, both sockets close: with a FIN, or with a RST when the flow did
+not end cleanly.
 
 Sockets are plain non-blocking sockets, registered once with the proxy's ``Reactor`` (an
 edge-triggered epoll): a read or write is tried at once and a task only waits when the kernel
@@ -48,6 +50,7 @@ from ._events import (
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, chain_for
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
+from ._routes import Route, Routes
 from ._splice import SPLICE_AVAILABLE, PipePool
 from ._transparent import (
     ConnectFailed,
@@ -98,15 +101,37 @@ _RELAY_TASK = "uproxy relay"
 LOGGER = logging.getLogger("uproxy_trio")
 
 
+class _Plan:
+    """What a flow does, worked out once per route (or once for the flows no route takes),
+    never per flow: its chain each way, whether it is intercepted, its timeouts."""
+
+    __slots__ = ("chains", "connect_timeout", "idle_timeout", "intercepted", "route")
+
+    def __init__(
+        self,
+        route: str | None,
+        interceptors: Sequence[Interceptor],
+        connect_timeout: float,
+        idle_timeout: float | None,
+    ) -> None:
+        self.route = route
+        self.chains = {direction: chain_for(interceptors, direction) for direction in Direction}
+        self.intercepted = any(self.chains.values())
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+
+
 class _LiveFlow:
     """A flow in flight, as the metrics, the sweep and ``drain`` see it: its two directions
-    (for their byte counts), how it is ending, and the cancel scope that tears it down."""
+    (for their byte counts), how it is ending, the cancel scope that tears it down, and its
+    plan (the sweep reads its idle timeout there)."""
 
-    __slots__ = ("ending", "scope", "ways")
+    __slots__ = ("ending", "plan", "scope", "ways")
 
-    def __init__(self, scope: trio.CancelScope, ending: FlowEnding) -> None:
+    def __init__(self, scope: trio.CancelScope, ending: FlowEnding, plan: _Plan) -> None:
         self.scope = scope
         self.ending = ending
+        self.plan = plan
         self.ways: tuple[Way, Way] | None = None  # None while connecting
 
     @property
@@ -131,11 +156,16 @@ class Proxy:
 
     ``serve`` runs it; ``drain`` stops it gently (no new flows, a grace period for the ones in
     flight, then a reset for the rest). A ``Proxy`` serves once.
+
+    ``routes`` say what happens to the flows they take (``set_routes`` replaces them while
+    the proxy runs); ``interceptors`` and the timeouts are for the flows no route takes, and
+    the timeouts also for a route that leaves its own unset.
     """
 
     def __init__(
         self,
         *,
+        routes: Routes | None = None,
         interceptors: Sequence[Interceptor] = (),
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         idle_timeout: float | None = None,
@@ -150,11 +180,12 @@ class Proxy:
             raise ValueError("connect_timeout and idle_timeout must be positive")
         if source_port not in ("keep", "ephemeral"):
             raise ValueError("source_port must be 'keep' or 'ephemeral'")
-        # Each direction's chain is the same for every flow: worked out once, here.
-        self._chains = {direction: chain_for(interceptors, direction) for direction in Direction}
-        self._intercepted = any(self._chains.values())
-        self._connect_timeout = connect_timeout
-        self._idle_timeout = idle_timeout
+        # A flow's chains and timeouts are the same as every other flow's on its route:
+        # worked out once per route, here and in ``set_routes``.
+        self._default = _Plan(None, interceptors, connect_timeout, idle_timeout)
+        self._routes: tuple[Routes, tuple[_Plan, ...]] | None = None
+        self._shortest_idle = math.inf  # of the default and of the routes now in the table
+        self._idle_timeouts_changed = trio.Event()
         self._reuse_port = reuse_port
         self._keep_port = source_port == "keep"
         self._slots = trio.Semaphore(max_flows) if max_flows is not None else None
@@ -171,6 +202,40 @@ class Proxy:
         self._shared = SharedBuffers(self._pipes)
         self._closed_bytes = dict.fromkeys(Direction, 0)
         self._live: dict[int, _LiveFlow] = {}
+        self.set_routes(routes)
+
+    def set_routes(self, routes: Routes | None) -> None:
+        """Take new flows by ``routes`` from now on (``None``: no routes).
+
+        The flows in flight keep the route they started with, its chains and its timeouts:
+        the table is swapped whole, and a flow holds its plan, not the table.
+        """
+        default = self._default
+        if routes is None:
+            self._routes = None
+            idle_timeouts = [default.idle_timeout]
+        else:
+            plans = tuple(_plan_for(route, default) for route in routes)
+            self._routes = (routes, plans)
+            idle_timeouts = [default.idle_timeout, *(plan.idle_timeout for plan in plans)]
+        self._shortest_idle = min((t for t in idle_timeouts if t is not None), default=math.inf)
+        # The sweep looks at once, and from then on as often as the shortest timeout needs.
+        self._idle_timeouts_changed.set()
+        self._idle_timeouts_changed = trio.Event()
+
+    @property
+    def routes(self) -> Routes | None:
+        """The routes new flows are taken by (``None``: no routes)."""
+        return None if self._routes is None else self._routes[0]
+
+    def _plan(self, flow: Flow) -> _Plan:
+        """What ``flow`` does: its route's plan, or the proxy's own when no route takes it."""
+        table = self._routes
+        if table is None:
+            return self._default
+        routes, plans = table
+        position = routes.position("tcp", flow.client, flow.server)
+        return self._default if position is None else plans[position]
 
     @property
     def active_flows(self) -> int:
@@ -220,8 +285,7 @@ class Proxy:
                 # The services outlive every flow, since the flows wait on the reactor.
                 async with trio.open_nursery() as services:
                     services.start_soon(reactor.run)
-                    if self._idle_timeout is not None:
-                        services.start_soon(self._sweep, self._idle_timeout)
+                    services.start_soon(self._sweep)
                     async with trio.open_nursery() as flows:
                         self._flows_scope = flows.cancel_scope
                         with self._accepting:
@@ -319,6 +383,10 @@ class Proxy:
         """One accepted connection, from accept to close."""
         emit, started = self._emit, trio.current_time()
         emit(FlowOpened(flow))
+        # Chosen once, here: from now on the flow keeps this plan, whatever set_routes does.
+        # (Nothing awaits between this and the flow's entry in ``_live``, so that a sweep
+        # woken by set_routes finds the flow and its idle timeout.)
+        plan = self._plan(flow)
         ending = FlowEnding()
         server_sock: socket.socket | None = None
         live: _LiveFlow | None = None
@@ -337,8 +405,8 @@ class Proxy:
                     async with trio.open_nursery() as nursery:
                         # The flow's one cancel scope: the connect timeout is its deadline.
                         scope = nursery.cancel_scope
-                        scope.deadline = started + self._connect_timeout
-                        live = self._live[flow.id] = _LiveFlow(scope, ending)
+                        scope.deadline = started + plan.connect_timeout
+                        live = self._live[flow.id] = _LiveFlow(scope, ending, plan)
                         try:
                             await connect_out(server_sock, flow.server, readiness)
                         except ConnectFailed as failure:  # here, not wrapped by the nursery
@@ -368,7 +436,7 @@ class Proxy:
                                 flow,
                                 way,
                                 live,
-                                self._chains[way.direction],
+                                plan.chains[way.direction],
                                 emit,
                                 name=_RELAY_TASK,
                             )
@@ -388,7 +456,7 @@ class Proxy:
             if live is not None:
                 del self._live[flow.id]
             close_flow(ending, client_sock, server_sock)
-            self._flow_closed(flow, ending, live, started)
+            self._flow_closed(flow, ending, live, plan, started)
             self._active -= 1
             self._release_slot()
             if self._draining and self._active == 0:
@@ -401,7 +469,7 @@ class Proxy:
         self._emit(UpstreamFailed(flow, failure.reason.value, failure.detail))
 
     def _flow_closed(
-        self, flow: Flow, ending: FlowEnding, live: _LiveFlow | None, started: float
+        self, flow: Flow, ending: FlowEnding, live: _LiveFlow | None, plan: _Plan, started: float
     ) -> None:
         to_server = to_client = 0
         if live is not None and live.ways is not None:
@@ -416,25 +484,34 @@ class Proxy:
                 to_server,
                 to_client,
                 _since(started),
-                self._intercepted,
+                plan.intercepted,
+                plan.route,
             )
         )
 
-    async def _sweep(self, idle_timeout: float) -> None:
-        """Stop the flows that have made no progress for ``idle_timeout``.
+    async def _sweep(self) -> None:
+        """Stop the flows that have made no progress for their idle timeout.
 
         Progress is bytes read or acknowledged by a peer (``_LiveFlow.progress``). One sweep
-        every quarter of the timeout looks at every flow, rather than each flow paying for a
-        deadline of its own and every read noting the time: an idle flow is stopped between
-        its timeout and a quarter later.
+        every quarter of the shortest idle timeout in use looks at every flow, rather than
+        each flow paying for a deadline of its own and every read noting the time: an idle
+        flow is stopped between its timeout and a quarter later. The shortest in use is the
+        routing table's (which ``set_routes`` changes, waking the sweep) or that of a flow
+        still on a route of an older table; with none, the sweep sleeps until there is one.
         """
-        period = idle_timeout / 4
         seen: dict[int, tuple[int, float]] = {}
+        in_flight = math.inf  # the shortest idle timeout among the flows seen last time
         while True:
-            await trio.sleep(period)
+            with trio.move_on_after(min(self._shortest_idle, in_flight) / 4):
+                await self._idle_timeouts_changed.wait()
             now = trio.current_time()
             still: dict[int, tuple[int, float]] = {}
+            in_flight = math.inf
             for flow_id, live in list(self._live.items()):
+                idle_timeout = live.plan.idle_timeout
+                if idle_timeout is None:
+                    continue
+                in_flight = min(in_flight, idle_timeout)
                 if live.connecting:
                     continue  # connecting: the connect timeout is the scope's deadline
                 progress = live.progress()
@@ -490,6 +567,7 @@ def close_flow(
 async def serve(
     listen: Sequence[Address],
     *,
+    routes: Routes | None = None,
     interceptors: Sequence[Interceptor] = (),
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
     idle_timeout: float | None = None,
@@ -500,9 +578,11 @@ async def serve(
 ) -> None:
     """Run a transparent proxy on ``listen`` until cancelled: ``Proxy(...).serve(listen)``.
 
-    ``interceptors`` form an onion around every flow (the first sits closest to the client).
+    ``interceptors`` form an onion around every flow no route takes (the first sits closest
+    to the client); a flow a route takes has that route's.
     """
     proxy = Proxy(
+        routes=routes,
         interceptors=interceptors,
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
@@ -511,6 +591,16 @@ async def serve(
         on_event=on_event,
     )
     await proxy.serve(listen, task_status=task_status)
+
+
+def _plan_for(route: Route, default: _Plan) -> _Plan:
+    """A route's plan: its own interceptors, and its own timeouts where it sets them."""
+    return _Plan(
+        route.name,
+        route.interceptors,
+        default.connect_timeout if route.connect_timeout is None else route.connect_timeout,
+        default.idle_timeout if route.idle_timeout is None else route.idle_timeout,
+    )
 
 
 def _try_acquire(slots: trio.Semaphore) -> bool:

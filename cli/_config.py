@@ -1,0 +1,171 @@
+"""``uproxy serve --config FILE.toml``: the file's options and routes, checked, or one line that
+names the file and the key and says what is wrong.
+
+The top-level keys are ``serve``'s long options with ``_`` for ``-``; the command line (and
+its ``UPROXY_*`` variables) override them. ``[[routes]]`` tables become a ``Routes`` table,
+their interceptors loaded exactly as ``--interceptor`` SPECs are (nothing in a SPEC is
+evaluated). Here each value is checked for its type and range; what a top-level value means
+(an address, one of a few words) is checked with the command line's own checks, by
+``serve``, which knows whether the value came from here.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uproxy_trio import Route, Routes
+
+from ._spec import SpecError, load_interceptor
+
+
+class ConfigError(Exception):
+    """What is wrong with a config file, as one line that starts with the file's name."""
+
+
+def _strings(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{value!r} is not a list of strings")
+    return value
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def _seconds(least: float) -> Callable[[object], float]:
+    def check(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
+            raise ValueError(f"{value!r} is not a number of seconds of at least {least}")
+        return float(value)
+
+    return check
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{value!r} is not a whole number of at least 1")
+    return value
+
+
+def _port(value: object) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{value!r} is not a port or FIRST-LAST")
+    return value  # its range is Route's to check
+
+
+def _workers(value: object) -> str:
+    if value == "auto":
+        return value
+    return str(_count(value))
+
+
+# serve's options, as the file spells them, and the check for each value's type and range
+# (the command line's own minimums).
+OPTIONS: Mapping[str, Callable[[object], object]] = {
+    "listen": _strings,
+    "connect_timeout": _seconds(0.001),
+    "label": _string,
+    "interceptor": _strings,
+    "grace": _seconds(0),
+    "max_flows": _count,
+    "idle_timeout": _seconds(0.001),
+    "source_port": _string,
+    "user": _string,
+    "group": _string,
+    "workers": _workers,
+    "metrics": _string,
+    "log_level": _string,
+    "log_format": _string,
+}
+
+ROUTE_KEYS: Mapping[str, Callable[[object], object]] = {
+    "name": _string,
+    "transport": _string,
+    "client": _string,
+    "server": _string,
+    "port": _port,
+    "interceptors": _strings,
+    "idle_timeout": _seconds(0.001),
+    "connect_timeout": _seconds(0.001),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigFile:
+    """A config file read and checked: its options (``serve``'s parameter names) and its
+    routes, loaded."""
+
+    path: Path
+    options: dict[str, Any]
+    routes: Routes
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {message}")
+
+
+def read_config(path: Path) -> ConfigFile:
+    """Read and check ``path``, loading its routes' interceptors; ``ConfigError`` if any of it
+    is wrong."""
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not TOML: not UTF-8 text") from None
+    options: dict[str, Any] = {}
+    for key, value in document.items():
+        if key == "routes":
+            continue
+        check = OPTIONS.get(key)
+        if check is None:
+            known = ", ".join(sorted([*OPTIONS, "routes"]))
+            raise ConfigError(f"{path}: {key}: unknown key (the keys are {known})")
+        try:
+            options[key] = check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {key}: {exc}") from None
+    tables = document.get("routes", [])
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+        raise ConfigError(f"{path}: routes: not an array of tables (write [[routes]])")
+    return ConfigFile(path, options, _routes(path, tables))
+
+
+def _routes(path: Path, tables: list[dict[str, Any]]) -> Routes:
+    routes: list[Route] = []
+    for number, table in enumerate(tables, 1):
+        name = table.get("name")
+        where = f"{path}: [[routes]] #{number}" + (f" {name!r}" if isinstance(name, str) else "")
+        if name is None:
+            raise ConfigError(f"{where}: name: missing (every route has a name)")
+        fields: dict[str, Any] = {}
+        for key, value in table.items():
+            check = ROUTE_KEYS.get(key)
+            if check is None:
+                known = ", ".join(ROUTE_KEYS)
+                raise ConfigError(f"{where}: {key}: unknown key (a route's keys are {known})")
+            try:
+                fields[key] = check(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {key}: {exc}") from None
+        try:
+            fields["interceptors"] = [load_interceptor(s) for s in fields.get("interceptors", [])]
+        except SpecError as exc:
+            raise ConfigError(f"{where}: interceptors: {exc}") from None
+        if name in (route.name for route in routes):
+            raise ConfigError(f"{where}: name: another route is named {name!r}")
+        try:
+            routes.append(Route(**fields))
+        except ValueError as exc:  # the message starts with the field: "port: ..."
+            raise ConfigError(f"{where}: {exc}") from None
+    return Routes(routes)
