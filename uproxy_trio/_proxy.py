@@ -6,12 +6,12 @@ the reason: the connect timeout (the scope's deadline), the idle timeout and the
 grace period (the sweep and ``drain`` cancel it), a reset on either side (the relay task that
 saw it cancels it). What a flow does (its interceptor chains, its timeouts) is its route's
 ``_Plan``, chosen once when the flow starts; a flow no route takes has the proxy's own. In the
-nursery run two relay tasks, one per direction (``_relay``). A direction that no interceptor
-touches hands its pump to the reactor and sleeps until it is over; one with interceptors drives
-its chain from its task. Either way the task itself then does the end-of-direction work: it
-passes an EOF on as a FIN, or decides that the flow is reset (``FlowEnding``) and cancels the
-scope. Back in ``_run_flow``, both sockets close: with a FIN, or with a RST when the flow did
-not end cleanly.
+nursery run two relay tasks, one per direction (``relay_direction``). A direction that no
+interceptor touches hands its pump to the reactor and sleeps until it is over; one with
+interceptors drives its chain from its task. Either way the task itself then does the
+end-of-direction work: it passes an EOF on as a FIN, or decides that the flow is reset
+(``FlowEnding``) and cancels the scope. Back in ``_run_flow``, both sockets close: with a FIN,
+or with a RST when the flow did not end cleanly.
 
 Sockets are plain non-blocking sockets, registered once with the proxy's ``Reactor`` (an
 edge-triggered epoll): a read or write is tried at once and a task only waits when the kernel
@@ -138,12 +138,13 @@ class _LiveFlow:
     def connecting(self) -> bool:
         return self.ways is None
 
-    def progress(self) -> int:
-        """Bytes read, plus bytes the peers have acknowledged: what moves while a flow is
-        alive, even when a slow reader drains a full send buffer and nothing is read."""
-        if self.ways is None:
-            return 0
-        return sum(way.read + way.acknowledged() for way in self.ways)
+    def bytes_read(self) -> int:
+        return sum(way.read for way in self.ways) if self.ways is not None else 0
+
+    def bytes_acknowledged(self) -> int:
+        """What the peers have acknowledged: it moves while a slow reader drains a full send
+        buffer and nothing is read. Two ioctls, so asked only when reads have stopped."""
+        return sum(way.acknowledged() for way in self.ways) if self.ways is not None else 0
 
     def stop(self, why: Stop) -> None:
         """End the flow now, with a reset, wherever its tasks wait (unless it is over)."""
@@ -492,20 +493,24 @@ class Proxy:
     async def _sweep(self) -> None:
         """Stop the flows that have made no progress for their idle timeout.
 
-        Progress is bytes read or acknowledged by a peer (``_LiveFlow.progress``). One sweep
+        Progress is bytes read, or bytes acknowledged by a peer while reads have stopped (a
+        slow reader draining a full send buffer); the kernel is asked for the latter only for
+        flows whose reads have not moved since the last sweep. One sweep
         every quarter of the shortest idle timeout in use looks at every flow, rather than
         each flow paying for a deadline of its own and every read noting the time: an idle
         flow is stopped between its timeout and a quarter later. The shortest in use is the
         routing table's (which ``set_routes`` changes, waking the sweep) or that of a flow
         still on a route of an older table; with none, the sweep sleeps until there is one.
         """
-        seen: dict[int, tuple[int, float]] = {}
+        # Per flow: bytes read and acknowledged when last looked at (-1: not asked, since
+        # reads were moving), and since when neither has moved.
+        seen: dict[int, tuple[int, int, float]] = {}
         in_flight = math.inf  # the shortest idle timeout among the flows seen last time
         while True:
             with trio.move_on_after(min(self._shortest_idle, in_flight) / 4):
                 await self._idle_timeouts_changed.wait()
             now = trio.current_time()
-            still: dict[int, tuple[int, float]] = {}
+            still: dict[int, tuple[int, int, float]] = {}
             in_flight = math.inf
             for flow_id, live in list(self._live.items()):
                 idle_timeout = live.plan.idle_timeout
@@ -514,14 +519,20 @@ class Proxy:
                 in_flight = min(in_flight, idle_timeout)
                 if live.connecting:
                     continue  # connecting: the connect timeout is the scope's deadline
-                progress = live.progress()
-                last, since = seen.get(flow_id, (-1, now))
-                if progress != last:
-                    still[flow_id] = (progress, now)
+                read = live.bytes_read()
+                last = seen.get(flow_id)
+                if last is None or read != last[0]:
+                    still[flow_id] = (read, -1, now)
+                    continue
+                _, last_acknowledged, since = last
+                acknowledged = live.bytes_acknowledged()
+                if last_acknowledged >= 0 and acknowledged != last_acknowledged:
+                    still[flow_id] = (read, acknowledged, now)
                 elif now - since >= idle_timeout:
                     live.stop(Stop.IDLE_TIMEOUT)
                 else:
-                    still[flow_id] = (progress, since)
+                    # Not known to have moved: its idle time still runs from ``since``.
+                    still[flow_id] = (read, acknowledged, since)
             seen = still
 
 
