@@ -16,7 +16,7 @@ import os
 import timeit
 from collections.abc import Callable
 
-from uproxy_cli._logging import JsonFormatter
+from uproxy_cli._logging import JsonFormatter, TextFormatter, setup_logging
 from uproxy_trio import (
     Flow,
     FlowClosed,
@@ -37,7 +37,6 @@ LIFE: tuple[FlowEvent, ...] = (
     CLOSED,
 )
 CALLS = 100_000
-TEXT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def per_call_us(call: Callable[[], None]) -> float:
@@ -51,11 +50,15 @@ def one_flow() -> None:
 
 
 def main() -> None:
+    setup_logging("info", "text", None)  # serve's own settings, then a quieter stream
     root = logging.getLogger()
     with open(os.devnull, "w") as devnull:
         handler = logging.StreamHandler(devnull)
         root.handlers[:] = [handler]
-        for format_name, formatter in (("text", TEXT), ("json", JsonFormatter(None))):
+        for format_name, formatter in (
+            ("text", TextFormatter(None)),
+            ("json", JsonFormatter(None)),
+        ):
             handler.setFormatter(formatter)
             for level in ("INFO", "WARNING"):
                 root.setLevel(level)

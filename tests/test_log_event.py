@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from uproxy_cli._logging import JsonFormatter, event_fields
+from uproxy_cli._logging import JsonFormatter, TextFormatter, event_fields
 from uproxy_trio import (
     Direction,
     Flow,
@@ -134,3 +134,13 @@ def test_json_flow_close_names_the_route_when_a_route_took_the_flow() -> None:
     routed = FlowClosed(FLOW, "closed", "client", 5, 6, 0.0031, False, "spliced-db")
     assert event_fields(routed)["route"] == "spliced-db"
     assert "route" not in event_fields(CLOSED)
+
+
+def test_the_text_formatter_writes_the_time_as_logging_does_across_seconds() -> None:
+    # It formats the date and seconds once per second: the lines must not show it.
+    ours = TextFormatter("worker 1/2")
+    standard = logging.Formatter("%(asctime)s %(levelname)s worker 1/2 %(name)s: %(message)s")
+    for created in (1764160000.001, 1764160000.999, 1764160001.0, 1764160001.5, 1764163600.25):
+        record = logging.LogRecord("uproxy_trio.flow", logging.INFO, __file__, 1, "x", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == standard.format(record)
