@@ -19,7 +19,7 @@ from typing import Self
 import trio
 
 from uproxy_trio import Direction, Flow, FlowEvent, Interceptor
-from uproxy_trio._direction import SharedBuffers, Way
+from uproxy_trio._direction import SharedBuffers, Way, both_ways
 from uproxy_trio._ending import FlowEnding
 from uproxy_trio._proxy import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -96,21 +96,8 @@ async def relay_one(
             async with trio.open_nursery() as nursery:
                 plan = _Plan(None, (), DEFAULT_CONNECT_TIMEOUT_S, None)  # its chains: below
                 live = _LiveFlow(nursery.cancel_scope, flow.ending, plan)
-                flow.ways = live.ways = (
-                    Way(
-                        Direction.CLIENT_TO_SERVER,
-                        flow.client_inner,
-                        flow.server_inner,
-                        readiness,
-                        shared,
-                    ),
-                    Way(
-                        Direction.SERVER_TO_CLIENT,
-                        flow.server_inner,
-                        flow.client_inner,
-                        readiness,
-                        shared,
-                    ),
+                flow.ways = live.ways = both_ways(
+                    flow.client_inner, flow.server_inner, readiness, shared
                 )
                 for way in live.ways:
                     nursery.start_soon(

@@ -464,3 +464,13 @@ class Way(DirectionState):
         except OSError:
             queued = 0
         return self.written - queued
+
+
+def both_ways(
+    client: socket.socket, server: socket.socket, readiness: Readiness, shared: SharedBuffers
+) -> tuple[Way, Way]:
+    """A connected flow's two directions, client to server first, on one ``readiness``."""
+    return (
+        Way(Direction.CLIENT_TO_SERVER, client, server, readiness, shared),
+        Way(Direction.SERVER_TO_CLIENT, server, client, readiness, shared),
+    )

@@ -33,7 +33,7 @@ from contextlib import ExitStack
 import trio
 
 from ._address import Address, format_address, from_sockaddr
-from ._direction import SharedBuffers, Way
+from ._direction import SharedBuffers, Way, both_ways
 from ._ending import DirectionEnd, EndKind, FlowEnding, Stop
 from ._events import (
     EventSink,
@@ -415,22 +415,7 @@ class Proxy:
                             return
                         scope.deadline = math.inf
                         emit(UpstreamConnected(flow, _since(started)))
-                        live.ways = (
-                            Way(
-                                Direction.CLIENT_TO_SERVER,
-                                client_sock,
-                                server_sock,
-                                readiness,
-                                self._shared,
-                            ),
-                            Way(
-                                Direction.SERVER_TO_CLIENT,
-                                server_sock,
-                                client_sock,
-                                readiness,
-                                self._shared,
-                            ),
-                        )
+                        live.ways = both_ways(client_sock, server_sock, readiness, self._shared)
                         for way in live.ways:
                             nursery.start_soon(
                                 relay_direction,
