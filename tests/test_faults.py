@@ -23,7 +23,7 @@ from lab_tools import (
 
 import uproxy_trio._proxy
 from uproxy_netns import SERVER_V4, Lab
-from uproxy_trio import FlowClosed, TransparencyUnavailable
+from uproxy_trio import Flow, FlowClosed, TransparencyUnavailable
 from uproxy_trio._direction import Way
 from uproxy_trio._transparent import open_outgoing
 
@@ -172,3 +172,30 @@ async def test_a_flow_stopped_for_idleness_is_reset_and_relays_nothing_more(
         nursery.cancel_scope.cancel()
     assert (closed.reason, closed.first_closed) == ("idle_timeout", "client")
     assert len(events.of_type(FlowClosed)) == 1
+
+
+async def test_a_fault_while_choosing_a_route_resets_that_client_only(
+    inside_proxy: Lab, echo: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = inside_proxy
+    real_plan = uproxy_trio._proxy.Proxy._plan
+
+    def faulty_plan(self: uproxy_trio._proxy.Proxy, flow: Flow) -> object:
+        if flow.id == 2:
+            raise RuntimeError("a bug in route matching")
+        return real_plan(self, flow)
+
+    monkeypatch.setattr(uproxy_trio._proxy.Proxy, "_plan", faulty_plan)
+    events = EventLog()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_library_proxy, events, {})
+        with trio.fail_after(10):
+            healthy = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(healthy)
+            await connect_expecting_reset(lab.client, SERVER_V4, 9090)
+            (closed,) = await events.wait_for(FlowClosed)
+            await roundtrip(healthy)
+            after = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(after)
+        nursery.cancel_scope.cancel()
+    assert (closed.flow.id, closed.reason) == (2, "proxy_error")

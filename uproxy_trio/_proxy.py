@@ -384,14 +384,15 @@ class Proxy:
         """One accepted connection, from accept to close."""
         emit, started = self._emit, trio.current_time()
         emit(FlowOpened(flow))
-        # Chosen once, here: from now on the flow keeps this plan, whatever set_routes does.
-        # (Nothing awaits between this and the flow's entry in ``_live``, so that a sweep
-        # woken by set_routes finds the flow and its idle timeout.)
-        plan = self._plan(flow)
         ending = FlowEnding()
         server_sock: socket.socket | None = None
         live: _LiveFlow | None = None
+        plan = self._default
         try:
+            # Chosen once, here: from now on the flow keeps this plan, whatever set_routes
+            # does. (Nothing awaits between this and the flow's entry in ``_live``, so that a
+            # sweep woken by set_routes finds the flow and its idle timeout.)
+            plan = self._plan(flow)
             if is_own_listener(flow.server, self._listening):
                 # Connecting out would reach our own listener, which would connect out again...
                 ending.refuse("self_loop")
