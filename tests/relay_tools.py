@@ -9,6 +9,7 @@ then ``close_flow``. Loopback TCP gives the real FIN, RST and splice paths.
 from __future__ import annotations
 
 import gc
+import heapq
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -165,17 +166,32 @@ def pattern(size: int, seed: int = 0) -> bytes:
 
 
 class LongestStep(trio.abc.Instrument):
-    """The longest single task step: how long the loop went without running anyone else.
+    """The longest task steps: how long the loop went without running anyone else.
 
     Counted in this thread's CPU time, so that other processes on a busy host (the load
     generators, other test runs) do not count as the loop's stall; and with the garbage
     collector off while it is installed, since a collection in the test process walks all of
     pytest's heap (``uproxy serve`` freezes its start-up objects out of the collector's way).
+    Even so a single step can be stretched by the host (network softirq work the kernel
+    charges to whichever thread is running), so tests that count on many steps look at the
+    ``nth_longest`` few rather than at one outlier: a loop that really stalls does so again
+    and again.
     """
 
+    KEPT = 3
+
     def __init__(self) -> None:
-        self.longest = 0.0
+        self._top: list[float] = []  # a min-heap of the KEPT longest steps
         self._started = 0.0
+
+    @property
+    def longest(self) -> float:
+        return self.nth_longest(1)
+
+    def nth_longest(self, n: int) -> float:
+        assert 1 <= n <= self.KEPT
+        top = sorted(self._top, reverse=True)
+        return top[n - 1] if len(top) >= n else 0.0
 
     def __enter__(self) -> Self:
         gc.disable()
@@ -191,4 +207,8 @@ class LongestStep(trio.abc.Instrument):
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         if self._started:  # (the step that added this instrument had no start)
-            self.longest = max(self.longest, time.thread_time() - self._started)
+            took = time.thread_time() - self._started
+            if len(self._top) < self.KEPT:
+                heapq.heappush(self._top, took)
+            elif took > self._top[0]:
+                heapq.heapreplace(self._top, took)
