@@ -27,13 +27,15 @@ class Direction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Flow:
-    """One intercepted TCP connection.
+    """One intercepted connection (TCP) or session (UDP).
 
     ``client`` is the connecting peer's own address; ``server`` is the original destination,
     which the TPROXY rule preserved as the accepted socket's local address. The proxy's
     outgoing connection uses exactly this pair, so neither end can tell the proxy is there.
+    ``transport`` is ``"tcp"`` or ``"udp"``.
     """
 
     id: int
     client: Address
     server: Address
+    transport: str = "tcp"
