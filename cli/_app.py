@@ -192,6 +192,36 @@ def serve(
             show_default="off",
         ),
     ] = None,
+    udp_listen: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--udp-listen",
+            metavar="HOST:PORT",
+            envvar="UPROXY_UDP_LISTEN",
+            help="Address the UDP TPROXY rule delivers to; repeat for more. Without it, no UDP.",
+        ),
+    ] = None,
+    udp_idle_timeout: Annotated[
+        float,
+        typer.Option(
+            "--udp-idle-timeout",
+            min=0.001,
+            metavar="SECONDS",
+            envvar="UPROXY_UDP_IDLE_TIMEOUT",
+            help="End a UDP session that moved no datagram either way for this long.",
+        ),
+    ] = uproxy_trio.DEFAULT_UDP_IDLE_TIMEOUT_S,
+    max_udp_sessions: Annotated[
+        int,
+        typer.Option(
+            "--max-udp-sessions",
+            min=1,
+            metavar="N",
+            envvar="UPROXY_MAX_UDP_SESSIONS",
+            help="At N UDP sessions, drop (and count) new sessions' datagrams; the sessions "
+            "in flight go on.",
+        ),
+    ] = uproxy_trio.DEFAULT_MAX_UDP_SESSIONS,
     source_port: Annotated[
         str,
         typer.Option(
@@ -292,6 +322,8 @@ def serve(
     given.checked("log_level", _one_of(LOG_LEVELS))
     listen = values["listen"] = values["listen"] or ["127.0.0.1:9091"]
     addresses = given.each("listen", parse_address)
+    values["udp_listen"] = list(values["udp_listen"] or [])
+    udp_addresses = given.each("udp_listen", parse_address)
     interceptors = given.each("interceptor", load_interceptor)
     label = values["label"]
     if label is not None:
@@ -314,6 +346,10 @@ def serve(
         grace=values["grace"],
         max_flows=values["max_flows"],
         idle_timeout=values["idle_timeout"],
+        udp_listen=values["udp_listen"],
+        udp_addresses=udp_addresses,
+        udp_idle_timeout=values["udp_idle_timeout"],
+        max_udp_sessions=values["max_udp_sessions"],
         source_port=values["source_port"],
         user=user,
         group=group,

@@ -78,6 +78,10 @@ class ServeOptions:
     grace: float
     max_flows: int | None
     idle_timeout: float | None
+    udp_listen: list[str]
+    udp_addresses: list[Address]
+    udp_idle_timeout: float
+    max_udp_sessions: int
     source_port: str
     user: str | None
     group: str | None
@@ -110,6 +114,8 @@ def run_serve(options: ServeOptions) -> int:
         reuse_port=worker is not None,
         source_port=options.source_port,
         on_event=log_event if metrics is None else _both(log_event, metrics.on_event),
+        udp_idle_timeout=options.udp_idle_timeout,
+        max_udp_sessions=options.max_udp_sessions,
     )
 
     def after_bind() -> None:
@@ -130,7 +136,15 @@ def run_serve(options: ServeOptions) -> int:
     gc.freeze()
     reload = None if options.config is None else partial(reload_routes, proxy, options.config)
     return run_unwrapped(
-        run_proxy, proxy, options.addresses, options.grace, after_bind, metrics, serve_at, reload
+        run_proxy,
+        proxy,
+        options.addresses,
+        options.grace,
+        after_bind,
+        metrics,
+        serve_at,
+        reload,
+        options.udp_addresses,
     )
 
 
@@ -185,6 +199,9 @@ def _run_workers(options: ServeOptions) -> int:
         *(arg for spec in options.interceptor_specs for arg in ("--interceptor", spec)),
         *(["--max-flows", str(share)] if share is not None else []),
         *(["--idle-timeout", repr(options.idle_timeout)] if options.idle_timeout else []),
+        *(arg for address in options.udp_listen for arg in ("--udp-listen", address)),
+        *("--udp-idle-timeout", repr(options.udp_idle_timeout)),
+        *("--max-udp-sessions", str(-(-options.max_udp_sessions // count))),
         *("--source-port", options.source_port),
         *(["--user", options.user] if options.user is not None else []),
         *(["--group", options.group] if options.group is not None else []),
@@ -224,6 +241,7 @@ async def run_proxy(
     metrics: Metrics | None,
     metrics_address: Address | None,
     reload: Callable[[], None] | None = None,
+    udp_listen: Sequence[Address] = (),
 ) -> int:
     """Serve until SIGINT or SIGTERM, then drain: no new flows, ``grace`` seconds for those in
     flight, then reset the rest. A second signal resets them at once. With ``reload``,
@@ -243,12 +261,14 @@ async def run_proxy(
                     await nursery.start(serve_metrics, metrics_address, metrics.render)
 
             async def serve(task_status: trio.TaskStatus[list[Address]]) -> None:
-                await proxy.serve(listen, task_status=task_status)
+                await proxy.serve(listen, udp_listen=udp_listen, task_status=task_status)
                 nursery.cancel_scope.cancel()  # drained: the helpers above are done too
 
             bound = await nursery.start(serve)
             after_bind()
-            LOGGER.info("ready on %s", ", ".join(format_address(a) for a in bound))
+            ready_on = [format_address(a) for a in bound]
+            ready_on += [f"UDP {format_address(a)}" for a in proxy.udp.listening]
+            LOGGER.info("ready on %s", ", ".join(ready_on))
 
             async def drain() -> None:
                 nonlocal flows_reset

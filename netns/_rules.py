@@ -105,6 +105,20 @@ class TproxySetup:
     The host forms (nft, own iptables chains) always do."""
     listen_port_v6: int | None = None
     """The IPv6 listener's port when it differs from ``listen_port``."""
+    udp_ports: str = ""
+    """UDP ports or ranges to intercept, as ``ports``; empty: no UDP."""
+    udp_listen_port: int | None = None
+    """Where UDP is delivered (on ``listen_v4``/``listen_v6``); ``None``: ``listen_port``."""
+
+    @property
+    def udp_port_ranges(self) -> list[PortRange]:
+        if not self.udp_ports:
+            return []
+        return merge_port_ranges([parse_port_range(item) for item in self.udp_ports.split(",")])
+
+    def udp_listener(self, version: int) -> tuple[str, int]:
+        host, port = self.listener(version)
+        return (host, self.udp_listen_port or port)
 
     @property
     def port_ranges(self) -> list[PortRange]:
@@ -136,13 +150,45 @@ class TproxySetup:
                 f"-A PREROUTING {in_} {shortcut} --dport {ports} -j DIVERT",
                 f"-A PREROUTING {out} {shortcut} --sport {ports} -j DIVERT",
             ]
+        lines += self._lab_udp_shortcuts(version)
         lines += [f"-A DIVERT -j MARK --set-mark {self.mark}", "-A DIVERT -j ACCEPT"]
         for ports in self._iptables_ports():
             lines += [
                 f"-A PREROUTING {in_} --dport {ports} {tproxy}",
                 f"-A PREROUTING {out} --sport {ports} {tproxy}",
             ]
+        lines += self._lab_udp_tproxy(version)
         return "\n".join([*lines, "COMMIT", ""])
+
+    def _lab_udp_shortcuts(self, version: int) -> list[str]:
+        """The lab's UDP shortcuts: datagrams and ICMP errors of a session the proxy holds
+        go to its socket (see ``_UDP_WHY``)."""
+        if not self.udp_ports:
+            return []
+        icmp = "icmp" if version == 4 else "ipv6-icmp"
+        lines = []
+        for ports in _iptables_form(self.udp_port_ranges):
+            lines += [
+                f"-A PREROUTING -i {self.in_interface} -p udp --dport {ports} "
+                "-m socket --transparent -j DIVERT",
+                f"-A PREROUTING -i {self.out_interface} -p udp --sport {ports} "
+                "-m socket --transparent -j DIVERT",
+            ]
+        for interface in (self.in_interface, self.out_interface):
+            lines.append(
+                f"-A PREROUTING -i {interface} -p {icmp} -m socket --transparent -j DIVERT"
+            )
+        return lines
+
+    def _lab_udp_tproxy(self, version: int) -> list[str]:
+        if not self.udp_ports:
+            return []
+        on_ip, on_port = self.udp_listener(version)
+        tproxy = f"-j TPROXY --tproxy-mark {self.mark} --on-port {on_port} --on-ip {on_ip}"
+        return [
+            f"-A PREROUTING -i {self.in_interface} -p udp --dport {ports} {tproxy}"
+            for ports in _iptables_form(self.udp_port_ranges)
+        ]
 
     def ip_batch(self, version: int) -> str:
         """The policy routing that delivers marked packets to local sockets, for ``ip -batch``
@@ -169,7 +215,7 @@ class TproxySetup:
         return f"route add local {everything} dev lo table {self.table}"
 
     def _iptables_ports(self) -> list[str]:
-        return [str(a) if a == b else f"{a}:{b}" for a, b in self.port_ranges]
+        return _iptables_form(self.port_ranges)
 
     # -- the host forms: own table / own chains, idempotent, removable -------------------
 
@@ -278,3 +324,7 @@ class TproxySetup:
         else:
             raise ValueError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
         return "\n".join([*lines, ""])
+
+
+def _iptables_form(ranges: list[PortRange]) -> list[str]:
+    return [str(a) if a == b else f"{a}:{b}" for a, b in ranges]

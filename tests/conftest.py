@@ -51,7 +51,7 @@ def _build_lab(tproxy: TproxySetup | None) -> Lab:
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
-    built = _build_lab(TproxySetup(ports=LAB_PORTS, listen_port=PROXY_PORT))
+    built = _build_lab(TproxySetup(ports=LAB_PORTS, listen_port=PROXY_PORT, udp_ports=LAB_PORTS))
     try:
         yield built
     finally:

@@ -1,4 +1,5 @@
-"""uproxy-trio: a transparent TCP proxy on Trio, with interceptors that rewrite bytes in flight.
+"""uproxy-trio: a transparent TCP and UDP proxy on Trio, with interceptors that rewrite data
+in flight.
 
 The public API is what this module re-exports; everything in ``_modules`` may change.
 """
@@ -21,11 +22,14 @@ from ._interceptor import Interceptor, directions, in_own_task, interceptor_fact
 from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
 from ._routes import Route, Routes
 from ._transparent import TransparencyUnavailable, transparency_available
+from ._udp import DEFAULT_MAX_UDP_SESSIONS, DEFAULT_UDP_IDLE_TIMEOUT_S, UdpSessions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
+    "DEFAULT_MAX_UDP_SESSIONS",
+    "DEFAULT_UDP_IDLE_TIMEOUT_S",
     "Address",
     "Direction",
     "EventSink",
@@ -41,6 +45,7 @@ __all__ = [
     "Route",
     "Routes",
     "TransparencyUnavailable",
+    "UdpSessions",
     "UpstreamConnected",
     "UpstreamFailed",
     "directions",

@@ -33,6 +33,7 @@ from contextlib import ExitStack
 import trio
 
 from ._address import Address, format_address, from_sockaddr
+from ._datagram import open_datagram_listener
 from ._direction import SharedBuffers, Way, both_ways
 from ._ending import DirectionEnd, EndKind, FlowEnding, Stop
 from ._events import (
@@ -61,6 +62,7 @@ from ._transparent import (
     open_transparent_listener,
     reset,
 )
+from ._udp import DEFAULT_MAX_UDP_SESSIONS, DEFAULT_UDP_IDLE_TIMEOUT_S, UdpSessions
 
 # Errors accept(2) returns when the host is short of descriptors or memory: back off and
 # retry, since the flows in flight will give some back.
@@ -174,6 +176,8 @@ class Proxy:
         reuse_port: bool = False,
         source_port: str = "keep",
         on_event: EventSink = log_event,
+        udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT_S,
+        max_udp_sessions: int = DEFAULT_MAX_UDP_SESSIONS,
     ) -> None:
         if max_flows is not None and max_flows < 1:
             raise ValueError("max_flows must be at least 1")
@@ -204,6 +208,15 @@ class Proxy:
         self._closed_bytes = dict.fromkeys(Direction, 0)
         self._live: dict[int, _LiveFlow] = {}
         self.set_routes(routes)
+        # UDP sessions (``serve(udp_listen=...)``): their own table, on the same reactor,
+        # routes, flow ids and event sink.
+        self.udp = UdpSessions(
+            plan=self._plan,
+            flow_ids=self._flow_ids,
+            emit=self._emit,
+            idle_timeout=udp_idle_timeout,
+            max_sessions=max_udp_sessions,
+        )
 
     def set_routes(self, routes: Routes | None) -> None:
         """Take new flows by ``routes`` from now on (``None``: no routes).
@@ -235,7 +248,7 @@ class Proxy:
         if table is None:
             return self._default
         routes, plans = table
-        position = routes.position("tcp", flow.client, flow.server)
+        position = routes.position(flow.transport, flow.client, flow.server)
         return self._default if position is None else plans[position]
 
     @property
@@ -262,9 +275,11 @@ class Proxy:
         self,
         listen: Sequence[Address],
         *,
+        udp_listen: Sequence[Address] = (),
         task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``listen`` and relay flows until cancelled or drained.
+        """Listen on ``listen`` (TCP) and ``udp_listen`` and relay flows until cancelled or
+        drained (UDP sessions end when the TCP flows have: they have no end to wait for).
 
         ``task_status.started`` receives the bound addresses once every listener is up, so
         ``await nursery.start(proxy.serve, ...)`` returns when the proxy is ready.
@@ -283,10 +298,18 @@ class Proxy:
                 self._listening = [from_sockaddr(sock.getsockname()) for sock in listeners]
                 for address in self._listening:
                     LOGGER.info("listening on %s", format_address(address))
+                udp_listeners = []
+                for address in udp_listen:
+                    udp_listener = open_datagram_listener(address, reuse_port=self._reuse_port)
+                    listeners_open.callback(_close, udp_listener)
+                    udp_listeners.append(udp_listener)
+                    self.udp.listening.append(from_sockaddr(udp_listener.getsockname()))
+                    LOGGER.info("listening on UDP %s", format_address(self.udp.listening[-1]))
                 # The services outlive every flow, since the flows wait on the reactor.
                 async with trio.open_nursery() as services:
                     services.start_soon(reactor.run)
                     services.start_soon(self._sweep)
+                    await services.start(self.udp.run, reactor)
                     async with trio.open_nursery() as flows:
                         self._flows_scope = flows.cancel_scope
                         with self._accepting:
@@ -295,6 +318,8 @@ class Proxy:
                                     acceptors.start_soon(
                                         self._accept_loop, listener, reactor, flows
                                     )
+                                for udp_listener in udp_listeners:
+                                    acceptors.start_soon(self.udp.receive, udp_listener)
                                 task_status.started(self.addresses)
                         # Draining: close the listeners at once, so new flows are no longer
                         # taken (the kernel refuses them), while the flows in flight go on.
@@ -571,6 +596,9 @@ async def serve(
     max_flows: int | None = None,
     source_port: str = "keep",
     on_event: EventSink = log_event,
+    udp_listen: Sequence[Address] = (),
+    udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT_S,
+    max_udp_sessions: int = DEFAULT_MAX_UDP_SESSIONS,
     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a transparent proxy on ``listen`` until cancelled: ``Proxy(...).serve(listen)``.
@@ -586,8 +614,10 @@ async def serve(
         max_flows=max_flows,
         source_port=source_port,
         on_event=on_event,
+        udp_idle_timeout=udp_idle_timeout,
+        max_udp_sessions=max_udp_sessions,
     )
-    await proxy.serve(listen, task_status=task_status)
+    await proxy.serve(listen, udp_listen=udp_listen, task_status=task_status)
 
 
 def _plan_for(route: Route, default: _Plan) -> _Plan:

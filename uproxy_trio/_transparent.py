@@ -87,6 +87,24 @@ def _transparent_socket(family: socket.AddressFamily) -> socket.socket:
     return sock
 
 
+def transparent_datagram_socket(family: socket.AddressFamily) -> socket.socket:
+    """A non-blocking UDP socket with ``IP_TRANSPARENT`` and ``SO_REUSEADDR``, not yet bound.
+
+    UDP sessions bind such sockets to addresses this host does not own: the client's, towards
+    the server, and the original destination's, towards the client. Several sessions share
+    each of those addresses (one client talking to two servers, two clients to one server),
+    hence ``SO_REUSEADDR``; once connected, each socket only takes its own peer's datagrams.
+    """
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    try:
+        _make_transparent(sock, family)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def open_transparent_listener(address: Address, *, reuse_port: bool = False) -> socket.socket:
     """Bind and listen on ``address`` so that TPROXY can hand us flows for any destination.
 

@@ -1,0 +1,331 @@
+"""One direction of a UDP session: datagrams from one connected socket to the other.
+
+As for TCP (``_direction.Way``), a direction no interceptor touches is a ``Pump``: its task
+hands it to the reactor, which runs it on each edge, so a datagram costs a ``recvfrom`` and a
+``send`` and no trip through Trio's scheduler. A direction with interceptors feeds them one
+datagram per chunk and sends each item they yield as one datagram.
+
+Every datagram read is checked against the session's peer: a socket can be handed another
+client's datagram by TPROXY between its ``bind`` and its ``connect`` (and one already routed
+to it then can still be queued just after), so a stray is handed back to the listener's path
+(``on_stray``), never relayed in this session.
+
+UDP has no end of stream: a direction ends only when its source or sink reports its peer gone
+(an ICMP error, ``ECONNREFUSED`` on the connected socket), or when its interceptor chain ends
+or fails. Whichever direction ends first ends the session.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
+
+import trio
+
+from ._address import Address
+from ._datagram import MAX_DATAGRAM, PEER_GONE_ERRNOS
+from ._flow import Direction, Flow
+from ._interceptor import Interceptor, run_chain
+from ._readiness import READABLE, WRITABLE, Readiness, Side, Turn, bit
+
+# Datagrams one pump moves per turn before the other sessions go (a 64-byte datagram costs
+# about 4 us here, so a turn stays well under the reactor's round).
+TURN_DATAGRAMS = 64
+# Datagrams an intercepted direction reads in a row before it lets other tasks run.
+FAIRNESS_READS = 16
+# Datagrams for a session that reached the listener and wait for the session's direction:
+# bounded, since a session whose server side is full must not hoard memory.
+INBOX_DATAGRAMS = 256
+
+
+class Drop(enum.Enum):
+    """Why a datagram was dropped: a closed set, fit for a metrics label."""
+
+    SESSION_LIMIT = "session_limit"
+    """A new session's datagram, with ``max_udp_sessions`` sessions in flight."""
+    NO_SOCKET = "no_socket"
+    """The session's sockets could not be made (descriptors, memory, a local clash)."""
+    SELF_LOOP = "self_loop"
+    """Addressed to one of the proxy's own UDP listeners."""
+    TOO_BIG = "too_big"
+    """The kernel refused to send it whole (``EMSGSIZE``)."""
+    SEND_FAILED = "send_failed"
+    """The kernel refused to send it for another reason (a firewall, no route)."""
+    QUEUE_FULL = "queue_full"
+    """The session's queue of datagrams from the listener was full."""
+    STRAY = "stray"
+    """A server's datagram that reached a session socket but belongs to no session."""
+    NOT_TPROXIED = "not_tproxied"
+    """Sent to a listener's own address, without an original destination."""
+
+
+class DatagramEnd(enum.Enum):
+    """How a direction of a session ended."""
+
+    SOURCE_GONE = "source_gone"
+    """Its source socket reported an error from its peer's side (an ICMP message)."""
+    SINK_GONE = "sink_gone"
+    """Its sink socket did."""
+    CHAIN_ENDED = "chain_ended"
+    """Its interceptor chain stopped asking for datagrams."""
+    INTERCEPTOR_FAILED = "interceptor_failed"
+    """An interceptor raised."""
+
+
+_BITS = {
+    Direction.CLIENT_TO_SERVER: (bit(Side.CLIENT, READABLE), bit(Side.SERVER, WRITABLE)),
+    Direction.SERVER_TO_CLIENT: (bit(Side.SERVER, READABLE), bit(Side.CLIENT, WRITABLE)),
+}
+
+_STUCK, _MORE, _DONE = Turn.STUCK, Turn.MORE, Turn.DONE
+_SOURCE_GONE, _SINK_GONE = DatagramEnd.SOURCE_GONE, DatagramEnd.SINK_GONE
+
+
+class DatagramWay:
+    """One direction of a session with its two connected sockets.
+
+    ``datagrams`` and ``read`` count what came from the source (the sweep reads them for
+    progress), ``written`` the bytes handed to the sink; ``end`` and ``errno`` say how the
+    direction ended.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_drops",
+        "_peer",
+        "datagrams",
+        "direction",
+        "end",
+        "errno",
+        "held",
+        "inbox",
+        "mask",
+        "on_stray",
+        "read",
+        "readable",
+        "readiness",
+        "sink",
+        "source",
+        "writable",
+        "written",
+    )
+
+    def __init__(
+        self,
+        direction: Direction,
+        source: socket.socket,
+        sink: socket.socket,
+        readiness: Readiness,
+        buffer: memoryview,
+        drops: MutableMapping[Drop, int],
+        on_stray: Callable[[bytes, Address], None] | None,
+    ) -> None:
+        self.direction = direction
+        self.source = source
+        self.sink = sink
+        self.readiness = readiness
+        self._buffer = buffer
+        self._drops = drops
+        self.on_stray = on_stray
+        # The source's peer as recvfrom reports it: compared to each datagram's source.
+        self._peer = source.getpeername()[:2]
+        self.readable, self.writable = _BITS[direction]
+        self.mask = self.readable | self.writable
+        self.inbox: deque[bytes] = deque()
+        self.held: bytes | None = None  # read, but the sink's buffer was full
+        self.datagrams = self.read = self.written = 0
+        self.end: DatagramEnd | None = None
+        self.errno = 0
+
+    # -- datagrams that reached the listener instead -----------------------------------------
+
+    def take(self, data: bytes) -> None:
+        """A datagram of this direction that reached the listener (the session's first, or
+        one that was in flight while the session was set up): relayed as if read here."""
+        self.datagrams += 1
+        self.read += len(data)
+        if len(self.inbox) >= INBOX_DATAGRAMS:
+            self._drop(Drop.QUEUE_FULL)
+            return
+        self.inbox.append(data)
+        self._look_again()
+
+    def _look_again(self) -> None:
+        """Make whoever moves this direction look at it now, as an edge on its source would:
+        the interceptors' reader is woken, the pump is given a turn here.
+
+        If that turn leaves more to move, the pump keeps its place and gets its next turn
+        with the session's next edge: the reactor's queue of carried-over pumps is its own.
+        """
+        readiness = self.readiness
+        readiness.clear(self.readable)
+        if readiness.notify(self.readable):
+            readiness.run_pumps()
+            readiness.queued = False
+
+    # -- the plain path: a pump for the reactor ----------------------------------------------
+
+    def turn(self) -> Turn:
+        """Move up to ``TURN_DATAGRAMS`` datagrams without blocking."""
+        readiness, readable, writable = self.readiness, self.readable, self.writable
+        source, buffer, peer = self.source, self._buffer, self._peer
+        for _ in range(TURN_DATAGRAMS):
+            if self.end is not None:
+                return _DONE
+            if self.held is not None:
+                if not readiness.bits & writable:
+                    return _STUCK
+                held, self.held = self.held, None
+                self._send(held)
+                continue
+            if self.inbox:
+                if not readiness.bits & writable:
+                    return _STUCK
+                self._send(self.inbox.popleft())
+                continue
+            if not readiness.bits & readable:
+                return _STUCK
+            try:
+                size, sender = source.recvfrom_into(buffer)
+            except BlockingIOError:
+                readiness.clear(readable)
+                return _STUCK
+            except OSError as exc:
+                if self._gone(exc, _SOURCE_GONE):
+                    return _DONE
+                continue
+            if sender[:2] != peer:
+                self._stray(bytes(buffer[:size]), sender)
+                continue
+            self.datagrams += 1
+            self.read += size
+            self._send(buffer[:size])
+        return _DONE if self.end is not None else _MORE
+
+    def _send(self, datagram: bytes | memoryview) -> None:
+        """Send one datagram, or hold it (a copy) while the sink's buffer is full."""
+        try:
+            self.sink.send(datagram)
+        except BlockingIOError:
+            self.held = bytes(datagram)
+            self.readiness.clear(self.writable)
+            return
+        except OSError as exc:
+            self._gone(exc, _SINK_GONE, dropping=True)
+            return
+        self.written += len(datagram)
+
+    def _gone(self, exc: OSError, end: DatagramEnd, *, dropping: bool = False) -> bool:
+        """Whether ``exc`` means the peer behind the failing socket is gone (the direction
+        is then over); a failure to send only drops the datagram."""
+        if exc.errno in PEER_GONE_ERRNOS:
+            self.end, self.errno = end, exc.errno or 0
+            return True
+        if dropping:
+            self._drop(Drop.TOO_BIG if exc.errno == errno.EMSGSIZE else Drop.SEND_FAILED)
+        return False
+
+    def _stray(self, data: bytes, sender: Address) -> None:
+        """A datagram the source's peer did not send: handed back to the listener's path
+        (``on_stray``), or dropped where there is none."""
+        if self.on_stray is None:
+            self._drop(Drop.STRAY)
+        else:
+            self.on_stray(data, sender)
+
+    def _drop(self, why: Drop) -> None:
+        self._drops[why] += 1
+
+    def detached(self) -> None:
+        """The reactor lets this direction go: nothing is held outside the kernel anyway."""
+
+    # -- the intercepted path ----------------------------------------------------------------
+
+    async def relay_intercepted(
+        self, flow: Flow, chain: Sequence[Interceptor]
+    ) -> BaseException | None:
+        """Move datagrams through ``chain`` until the direction ends; what the chain raised,
+        if that was the end."""
+        try:
+            # It returns early only when the sink's peer is gone, which ``end`` says already.
+            await run_chain(flow, self.direction, chain, self.datagrams_in(), self.send_one)
+            if self.end is None:
+                self.end = DatagramEnd.CHAIN_ENDED
+        except Exception as exc:  # noqa: BLE001 - whatever an interceptor raises ends its session only
+            if self.end is not None:
+                return None  # the source's error reached the chain: that ended it
+            self.end = DatagramEnd.INTERCEPTOR_FAILED
+            return exc
+        return None
+
+    async def datagrams_in(self) -> AsyncIterator[bytes]:
+        """The source's datagrams, one per chunk, from the session's peer only."""
+        readiness, readable, source, peer = self.readiness, self.readable, self.source, self._peer
+        reads = 0
+        while True:
+            if self.inbox:
+                yield self.inbox.popleft()
+                continue
+            if not readiness.bits & readable:
+                await readiness.wait(readable)
+                reads = 0
+            try:
+                data, sender = source.recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
+                readiness.clear(readable)
+                continue
+            except OSError as exc:
+                if self._gone(exc, _SOURCE_GONE):
+                    raise
+                continue
+            if sender[:2] != peer:
+                self._stray(data, sender)
+                continue
+            self.datagrams += 1
+            self.read += len(data)
+            reads += 1
+            if reads >= FAIRNESS_READS:
+                await trio.lowlevel.checkpoint()
+                reads = 0
+            yield data
+
+    async def send_one(self, datagram: bytes) -> bool:
+        """Send ``datagram`` as one datagram, waiting while the sink's buffer is full; false
+        once the sink's peer is gone."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        readiness, writable = self.readiness, self.writable
+        while True:
+            try:
+                self.sink.send(datagram)
+            except BlockingIOError:
+                readiness.clear(writable)
+                await readiness.wait(writable)
+                continue
+            except OSError as exc:
+                return not self._gone(exc, _SINK_GONE, dropping=True)
+            self.written += len(datagram)
+            return True
+
+
+def both_ways(
+    client: socket.socket,
+    server: socket.socket,
+    readiness: Readiness,
+    buffer: memoryview,
+    drops: MutableMapping[Drop, int],
+    on_stray: Callable[[bytes, Address], None],
+) -> tuple[DatagramWay, DatagramWay]:
+    """A session's two directions, client to server first, on one ``readiness``.
+
+    ``client`` is the socket facing the client (bound to the original destination),
+    ``server`` the one facing the server (bound to the client's address). A stray on the
+    client side goes to ``on_stray``; one on the server side (a datagram to the client's
+    address from anyone but the server) is nobody's, and is dropped.
+    """
+    return (
+        DatagramWay(Direction.CLIENT_TO_SERVER, client, server, readiness, buffer, drops, on_stray),
+        DatagramWay(Direction.SERVER_TO_CLIENT, server, client, readiness, buffer, drops, None),
+    )
