@@ -83,6 +83,7 @@ def event_fields(event: FlowEvent) -> dict[str, Any]:
         "flow": flow.id,
         "client": format_address(flow.client),
         "server": format_address(flow.server),
+        "transport": flow.transport,
     }
     if isinstance(event, UpstreamConnected):
         fields["connect_s"] = round(event.connect_s, 6)

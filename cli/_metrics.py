@@ -7,7 +7,8 @@ whichever worker handled which flow.
 
 Flow counts, failures and durations come from the flow events; bytes and active flows are
 sampled from the proxy twice a second, so a long bulk flow shows up while it runs, and the
-data path pays nothing for metrics.
+data path pays nothing for metrics. UDP sessions have metrics of their own
+(``uproxy_udp_*``, ``uproxy_datagrams_total``): the ``uproxy_flows*`` ones count TCP flows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from uproxy_trio import (
     FlowEvent,
     FlowOpened,
     Proxy,
+    UdpDrop,
     UpstreamFailed,
     format_address,
 )
@@ -75,11 +77,49 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
+        self.udp_sessions = Counter(
+            "uproxy_udp_sessions", "UDP sessions opened.", registry=registry
+        )
+        self.udp_active = Gauge(
+            "uproxy_udp_sessions_active",
+            "UDP sessions in flight.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.udp_closed = Counter(
+            "uproxy_udp_sessions_closed",
+            "UDP sessions ended, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.datagrams = Counter(
+            "uproxy_datagrams",
+            "UDP datagrams read from a session's source, by direction.",
+            ["direction"],
+            registry=registry,
+        )
+        self.udp_dropped = Counter(
+            "uproxy_udp_dropped",
+            "UDP datagrams dropped, by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self._sampled = dict.fromkeys(Direction, 0)
+        self._sampled_datagrams = dict.fromkeys(Direction, 0)
+        self._sampled_drops = dict.fromkeys(UdpDrop, 0)
         for direction in Direction:
             self.bytes.labels(direction.value)  # present from the first scrape, at 0
+            self.datagrams.labels(direction.value)
+        for drop in UdpDrop:
+            self.udp_dropped.labels(drop.value)
 
     def on_event(self, event: FlowEvent) -> None:
+        if event.flow.transport == "udp":
+            if isinstance(event, FlowOpened):
+                self.udp_sessions.inc()
+            elif isinstance(event, FlowClosed):
+                self.udp_closed.labels(event.reason).inc()
+            return
         if isinstance(event, FlowOpened):
             self.flows.inc()
         elif isinstance(event, UpstreamFailed):
@@ -93,6 +133,14 @@ class Metrics:
         for direction, total in proxy.bytes_moved().items():
             self.bytes.labels(direction.value).inc(total - self._sampled[direction])
             self._sampled[direction] = total
+        udp = proxy.udp
+        self.udp_active.set(udp.active)
+        for direction, total in udp.datagrams_moved().items():
+            self.datagrams.labels(direction.value).inc(total - self._sampled_datagrams[direction])
+            self._sampled_datagrams[direction] = total
+        for drop, total in udp.dropped.items():
+            self.udp_dropped.labels(drop.value).inc(total - self._sampled_drops[drop])
+            self._sampled_drops[drop] = total
 
     async def keep_sampling(self, proxy: Proxy) -> None:
         try:

@@ -41,36 +41,40 @@ DEFAULT_LISTEN = "127.0.0.1:9091"
 # Interfaces and ports differ on every host, so `uproxy rules` guesses none of them.
 _WHAT_RULES_NEED = (
     "uproxy rules needs the interface clients' packets arrive on (--in-interface), the one "
-    "the servers' answers arrive on (--out-interface) and the port(s) to intercept (--port)"
+    "the servers' answers arrive on (--out-interface) and the port(s) to intercept (--port "
+    "for TCP, --udp-port for UDP)"
 )
 
+# For --remove: UDP rules of any port, so the policy routing of --udp-listen's versions goes.
+_ANY_PORT = "1-65535"
 
-def parse_listeners(values: Sequence[str]) -> dict[int, Address]:
-    """``--listen`` values by IP version: at most one listener per version."""
+
+def parse_listeners(values: Sequence[str], option: str = "--listen") -> dict[int, Address]:
+    """``--listen`` (or ``--udp-listen``) values by IP version: at most one per version."""
     by_version: dict[int, Address] = {}
     for value in values:
         try:
             address = parse_address(value)
         except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="'--listen'") from None
+            raise typer.BadParameter(str(exc), param_hint=f"'{option}'") from None
         version = 6 if ":" in address[0] else 4
         if version in by_version:
             raise typer.BadParameter(
                 f"more than one IPv{version} listener ({value!r}); TPROXY delivers to one",
-                param_hint="'--listen'",
+                param_hint=f"'{option}'",
             )
         by_version[version] = address
     return by_version
 
 
-def parse_ports(values: Sequence[str]) -> list[PortRange]:
+def parse_ports(values: Sequence[str], option: str = "--port") -> list[PortRange]:
     ranges = []
     for value in values:
         for item in value.split(","):
             try:
                 ranges.append(parse_port_range(item))
             except ValueError as exc:
-                raise typer.BadParameter(str(exc), param_hint="'--port'") from None
+                raise typer.BadParameter(str(exc), param_hint=f"'{option}'") from None
     return merge_port_ranges(ranges)
 
 
@@ -92,13 +96,18 @@ def check_table(value: int) -> int:
     return value
 
 
-def routing_setup(*, listen: Sequence[str], mark: int, table: int) -> TproxySetup:
+def routing_setup(
+    *, listen: Sequence[str], mark: int, table: int, udp_listen: Sequence[str] = ()
+) -> TproxySetup:
     """The listeners and the policy routing of a set-up, checked; ``typer.BadParameter`` if
     not. Its interfaces and ports are placeholders: for ``uproxy check`` and ``rules
     --remove``, which look at or take away what is installed, whatever it matches."""
     listeners = parse_listeners(listen)
+    udp_listeners = parse_listeners(udp_listen, "--udp-listen")
     v4, v6 = listeners.get(4), listeners.get(6)
     return TproxySetup(
+        udp_ports=_ANY_PORT if udp_listeners else "",
+        udp_listeners=tuple(udp_listeners[version] for version in sorted(udp_listeners)),
         listen_port=(v4 or v6 or ("", 0))[1],
         listen_v4=v4[0] if v4 else None,
         listen_v6=v6[0] if v6 else None,
@@ -117,13 +126,16 @@ def build_setup(
     listen: Sequence[str],
     mark: int,
     table: int,
+    udp_ports: Sequence[str] = (),
+    udp_listen: Sequence[str] = (),
 ) -> TproxySetup:
     """A checked ``TproxySetup`` from command-line values; ``typer.BadParameter`` if not."""
     return dataclasses.replace(
-        routing_setup(listen=listen, mark=mark, table=table),
+        routing_setup(listen=listen, mark=mark, table=table, udp_listen=udp_listen),
         in_interface=check_interface(in_interface, "'--in-interface'"),
         out_interface=check_interface(out_interface, "'--out-interface'"),
         ports=",".join(f"{a}-{b}" for a, b in parse_ports(ports)),
+        udp_ports=",".join(f"{a}-{b}" for a, b in parse_ports(udp_ports, "--udp-port")),
     )
 
 
@@ -208,6 +220,26 @@ def rules(
         ),
     ] = None,
     listen: Listen = None,
+    udp_port: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--udp-port",
+            metavar="PORT|FIRST-LAST",
+            envvar="UPROXY_UDP_PORT",
+            help="Destination UDP port(s) to intercept; repeat for more.",
+            show_default=False,
+        ),
+    ] = None,
+    udp_listen: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--udp-listen",
+            metavar="HOST:PORT",
+            envvar="UPROXY_UDP_LISTEN",
+            help="Where `uproxy serve --udp-listen` listens: one IPv4 and/or one IPv6 address.",
+            show_default="the --listen addresses",
+        ),
+    ] = None,
     mark: Mark = 1,
     table: Table = 100,
     apply: Annotated[
@@ -231,11 +263,17 @@ def rules(
     --in-interface, --out-interface and --port have no defaults: printing and --apply need
     all three; --remove needs none of them.
 
+    --udp-port adds UDP: a client's datagram that no session holds goes to the UDP listener
+    (--udp-listen); a session's datagrams both ways, and the ICMP errors about them, go to
+    the session's own sockets. Either --port or --udp-port will do, or both.
+
     \b
     Examples:
       uproxy rules --in-interface eth1 --out-interface eth0 --port 80 --port 8000-8099
       uproxy rules -b iptables --in-interface eth1 --out-interface eth0 -p 443 \\
           --listen 127.0.0.1:9091 --listen [::1]:9091 --apply
+      uproxy rules --in-interface eth1 --out-interface eth0 --port 443 --udp-port 443 \\
+          --udp-port 53 --udp-listen 127.0.0.1:9091 --udp-listen [::1]:9091
       uproxy rules --backend iptables --listen 127.0.0.1:9091 --listen [::1]:9091 --remove
     """
     if backend not in BACKENDS:
@@ -248,15 +286,16 @@ def rules(
     if remove:
         # Removal takes away our table or chains and the policy routing of --mark and
         # --table, whatever interfaces and ports they named.
-        _change_host(routing_setup(listen=listen, mark=mark, table=table), backend, "remove")
+        setup = routing_setup(listen=listen, mark=mark, table=table, udp_listen=udp_listen or ())
+        _change_host(setup, backend, "remove")
         return
-    if not (in_interface and out_interface and port):
+    if not (in_interface and out_interface and (port or udp_port)):
         missing = [
             name
             for name, value in (
                 ("--in-interface", in_interface),
                 ("--out-interface", out_interface),
-                ("--port", port),
+                ("--port or --udp-port", port or udp_port),
             )
             if not value
         ]
@@ -264,10 +303,12 @@ def rules(
     setup = build_setup(
         in_interface=in_interface,
         out_interface=out_interface,
-        ports=port,
+        ports=port or [],
         listen=listen,
         mark=mark,
         table=table,
+        udp_ports=udp_port or [],
+        udp_listen=udp_listen or [],
     )
     if apply:
         _change_host(setup, backend, "apply")

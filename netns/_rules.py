@@ -37,6 +37,17 @@ _SHORTCUT_WHY = (
     "client's port is not a bare SYN, so it keeps the shortcut to the relay's socket.",
 )
 
+_UDP_WHY = (
+    "UDP: a session's datagrams, either way, and the ICMP errors about them (port",
+    "unreachable from a server, say) go to the session's own transparent socket, which is",
+    "connected to its peer; without the ICMP rule a server's 'port unreachable' would be",
+    "forwarded to the client and the session would wait for its idle timeout. Only a",
+    "client's datagram that no session holds goes on to TPROXY and the UDP listener. The",
+    "servers' side has no TPROXY rule for UDP: a server's datagram for a session the proxy",
+    "no longer holds is routed to the client as it would be without the proxy, instead of",
+    "opening a session from the server.",
+)
+
 _TPROXY_WHY = (
     "New flows: TPROXY hands the packet to the listener (or to the proxy's socket if the",
     "flow has one), marks it, and the mark routes it locally through the table below.",
@@ -107,27 +118,43 @@ class TproxySetup:
     """The IPv6 listener's port when it differs from ``listen_port``."""
     udp_ports: str = ""
     """UDP ports or ranges to intercept, as ``ports``; empty: no UDP."""
-    udp_listen_port: int | None = None
-    """Where UDP is delivered (on ``listen_v4``/``listen_v6``); ``None``: ``listen_port``."""
+    udp_listeners: tuple[tuple[str, int], ...] = ()
+    """Where UDP is delivered, at most one address per IP version; empty: the same addresses
+    as TCP (a UDP socket and a TCP socket share an address and port without a clash)."""
 
     @property
     def udp_port_ranges(self) -> list[PortRange]:
+        return _ranges(self.udp_ports)
+
+    @property
+    def udp_versions(self) -> list[int]:
+        """The IP versions whose UDP is intercepted: those with a UDP listener."""
         if not self.udp_ports:
             return []
-        return merge_port_ranges([parse_port_range(item) for item in self.udp_ports.split(",")])
+        if not self.udp_listeners:
+            return self.tcp_versions
+        return sorted({6 if ":" in host else 4 for host, _ in self.udp_listeners})
 
     def udp_listener(self, version: int) -> tuple[str, int]:
-        host, port = self.listener(version)
-        return (host, self.udp_listen_port or port)
+        for host, port in self.udp_listeners:
+            if (6 if ":" in host else 4) == version:
+                return (host, port)
+        return self.listener(version)
 
     @property
     def port_ranges(self) -> list[PortRange]:
-        return merge_port_ranges([parse_port_range(item) for item in self.ports.split(",")])
+        return _ranges(self.ports)
+
+    @property
+    def tcp_versions(self) -> list[int]:
+        """The IP versions whose TCP is intercepted: those with a listener."""
+        return [v for v, host in ((4, self.listen_v4), (6, self.listen_v6)) if host is not None]
 
     @property
     def versions(self) -> list[int]:
-        """The IP versions intercepted: those with a listener."""
-        return [v for v, host in ((4, self.listen_v4), (6, self.listen_v6)) if host is not None]
+        """The IP versions intercepted, TCP or UDP: each needs the policy routing."""
+        tcp = self.tcp_versions if self.ports else []
+        return sorted({*tcp, *self.udp_versions})
 
     def listener(self, version: int) -> tuple[str, int]:
         host = self.listen_v4 if version == 4 else self.listen_v6
@@ -225,31 +252,50 @@ class TproxySetup:
         Declaring the table, deleting it and defining it again in one transaction works
         whether or not it existed, and the kernel applies it all or nothing.
         """
-        ports = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in self.port_ranges)
-        port_set = f"{{ {ports} }}"
+        port_set = _nft_set(self.port_ranges)
+        udp_set = _nft_set(self.udp_port_ranges)
+        tcp_versions = self.tcp_versions if self.ports else []
         bare_syn = "tcp flags & (fin | syn | rst | ack) == syn"
         not_bare_syn = bare_syn.replace("==", "!=")
         indent = " " * 8
+        mark = f"meta mark set {self.mark}"
+        in_, out = f'iifname "{self.in_interface}"', f'iifname "{self.out_interface}"'
         body: list[str] = []
-        body += _comment(_SHORTCUT_WHY, indent)
-        for version in self.versions:
+        if tcp_versions:
+            body += _comment(_SHORTCUT_WHY, indent)
+        for version in tcp_versions:
             family = f"meta nfproto ipv{version}"
             body += [
-                f'{indent}iifname "{self.in_interface}" {family} tcp dport {port_set} '
-                f"{not_bare_syn} socket transparent 1 meta mark set {self.mark} accept",
-                f'{indent}iifname "{self.out_interface}" {family} tcp sport {port_set} '
-                f"{not_bare_syn} socket transparent 1 meta mark set {self.mark} accept",
+                f"{indent}{in_} {family} tcp dport {port_set} "
+                f"{not_bare_syn} socket transparent 1 {mark} accept",
+                f"{indent}{out} {family} tcp sport {port_set} "
+                f"{not_bare_syn} socket transparent 1 {mark} accept",
             ]
-        body += _comment(_TPROXY_WHY, indent)
-        for version in self.versions:
+        if self.udp_versions:
+            body += _comment(_UDP_WHY, indent)
+        for version in self.udp_versions:
             family = f"meta nfproto ipv{version}"
-            host, port = self.listener(version)
-            target = f"ip to {host}:{port}" if version == 4 else f"ip6 to [{host}]:{port}"
+            icmp = "icmp" if version == 4 else "ipv6-icmp"
+            body += [
+                f"{indent}{in_} {family} udp dport {udp_set} socket transparent 1 {mark} accept",
+                f"{indent}{out} {family} udp sport {udp_set} socket transparent 1 {mark} accept",
+                f'{indent}iifname {{ "{self.in_interface}", "{self.out_interface}" }} {family} '
+                f"meta l4proto {icmp} socket transparent 1 {mark} accept",
+            ]
+        if tcp_versions:
+            body += _comment(_TPROXY_WHY, indent)
+        for version in tcp_versions:
+            family = f"meta nfproto ipv{version}"
+            target = _nft_target(version, self.listener(version))
             for side in (
-                f'iifname "{self.in_interface}" {family} tcp dport {port_set}',
-                f'iifname "{self.out_interface}" {family} tcp sport {port_set}',
+                f"{in_} {family} tcp dport {port_set}",
+                f"{out} {family} tcp sport {port_set}",
             ):
-                body.append(f"{indent}{side} meta mark set {self.mark} tproxy {target} accept")
+                body.append(f"{indent}{side} {mark} tproxy {target} accept")
+        for version in self.udp_versions:
+            family = f"meta nfproto ipv{version}"
+            target = _nft_target(version, self.udp_listener(version))
+            body.append(f"{indent}{in_} {family} udp dport {udp_set} {mark} tproxy {target} accept")
         return "\n".join(
             [
                 "# uproxy TPROXY rules; applying them again replaces the table in one step.",
@@ -277,23 +323,44 @@ class TproxySetup:
         applying twice gives the same chains. The jump from PREROUTING is added separately,
         once, after the chains are complete, so the set-up goes live in one step.
         """
-        on_ip, on_port = self.listener(version)
         chain, divert = IPTABLES_CHAIN, IPTABLES_DIVERT_CHAIN
-        in_, out = f"-i {self.in_interface} -p tcp", f"-i {self.out_interface} -p tcp"
+        in_, out = f"-i {self.in_interface}", f"-i {self.out_interface}"
         shortcut = "! --syn -m socket --transparent"
-        tproxy = f"-j TPROXY --tproxy-mark {self.mark} --on-port {on_port} --on-ip {on_ip}"
+        tcp = self.ports and version in self.tcp_versions
+        udp = version in self.udp_versions
         lines = ["*mangle", f":{chain} - [0:0]", f":{divert} - [0:0]"]
-        lines += _comment(_SHORTCUT_WHY)
-        for ports in self._iptables_ports():
+        if tcp:
+            lines += _comment(_SHORTCUT_WHY)
+            for ports in self._iptables_ports():
+                lines += [
+                    f"-A {chain} {in_} -p tcp --dport {ports} {shortcut} -j {divert}",
+                    f"-A {chain} {out} -p tcp --sport {ports} {shortcut} -j {divert}",
+                ]
+        if udp:
+            icmp = "icmp" if version == 4 else "ipv6-icmp"
+            lines += _comment(_UDP_WHY)
+            for ports in _iptables_form(self.udp_port_ranges):
+                lines += [
+                    f"-A {chain} {in_} -p udp --dport {ports} -m socket --transparent -j {divert}",
+                    f"-A {chain} {out} -p udp --sport {ports} -m socket --transparent -j {divert}",
+                ]
             lines += [
-                f"-A {chain} {in_} --dport {ports} {shortcut} -j {divert}",
-                f"-A {chain} {out} --sport {ports} {shortcut} -j {divert}",
+                f"-A {chain} {side} -p {icmp} -m socket --transparent -j {divert}"
+                for side in (in_, out)
             ]
-        lines += _comment(_TPROXY_WHY)
-        for ports in self._iptables_ports():
+        if tcp:
+            lines += _comment(_TPROXY_WHY)
+            tproxy = _iptables_target(self.mark, self.listener(version))
+            for ports in self._iptables_ports():
+                lines += [
+                    f"-A {chain} {in_} -p tcp --dport {ports} {tproxy}",
+                    f"-A {chain} {out} -p tcp --sport {ports} {tproxy}",
+                ]
+        if udp:
+            tproxy = _iptables_target(self.mark, self.udp_listener(version))
             lines += [
-                f"-A {chain} {in_} --dport {ports} {tproxy}",
-                f"-A {chain} {out} --sport {ports} {tproxy}",
+                f"-A {chain} {in_} -p udp --dport {ports} {tproxy}"
+                for ports in _iptables_form(self.udp_port_ranges)
             ]
         lines += [f"-A {divert} -j MARK --set-mark {self.mark}", f"-A {divert} -j ACCEPT"]
         return "\n".join([*lines, "COMMIT", ""])
@@ -328,3 +395,24 @@ class TproxySetup:
 
 def _iptables_form(ranges: list[PortRange]) -> list[str]:
     return [str(a) if a == b else f"{a}:{b}" for a, b in ranges]
+
+
+def _ranges(text: str) -> list[PortRange]:
+    """``ports`` or ``udp_ports`` as merged ranges; empty text: none."""
+    if not text:
+        return []
+    return merge_port_ranges([parse_port_range(item) for item in text.split(",")])
+
+
+def _nft_set(ranges: list[PortRange]) -> str:
+    return "{ " + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges) + " }"
+
+
+def _nft_target(version: int, listener: tuple[str, int]) -> str:
+    host, port = listener
+    return f"ip to {host}:{port}" if version == 4 else f"ip6 to [{host}]:{port}"
+
+
+def _iptables_target(mark: int, listener: tuple[str, int]) -> str:
+    on_ip, on_port = listener
+    return f"-j TPROXY --tproxy-mark {mark} --on-port {on_port} --on-ip {on_ip}"

@@ -107,6 +107,7 @@ def test_json_flow_close_is_the_same_object_plus_intercepted(intercepted: bool) 
         "flow": 7,
         "client": "192.0.2.2:40312",
         "server": "198.51.100.2:9090",
+        "transport": "tcp",
         "reason": "closed",
         "first_closed": "client",
         "bytes_client_to_server": 5,

@@ -120,9 +120,12 @@ def test_bad_rules_input_is_one_line_and_exit_2(args: list[str], message: str) -
 @pytest.mark.parametrize(
     ("args", "missing"),
     [
-        ([], "missing --in-interface, --out-interface, --port: "),
+        ([], "missing --in-interface, --out-interface, --port or --udp-port: "),
         (["--in-interface", "eth1", "--port", "80"], "missing --out-interface: "),
-        (["--in-interface", "eth1", "--out-interface", "eth0", "--apply"], "missing --port: "),
+        (
+            ["--in-interface", "eth1", "--out-interface", "eth0", "--apply"],
+            "missing --port or --udp-port: ",
+        ),
     ],
 )
 def test_interfaces_and_ports_have_no_defaults(args: list[str], missing: str) -> None:

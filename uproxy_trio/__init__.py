@@ -23,6 +23,7 @@ from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
 from ._routes import Route, Routes
 from ._transparent import TransparencyUnavailable, transparency_available
 from ._udp import DEFAULT_MAX_UDP_SESSIONS, DEFAULT_UDP_IDLE_TIMEOUT_S, UdpSessions
+from ._udp_way import Drop as UdpDrop
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "Route",
     "Routes",
     "TransparencyUnavailable",
+    "UdpDrop",
     "UdpSessions",
     "UpstreamConnected",
     "UpstreamFailed",

@@ -126,7 +126,8 @@ def log_event(event: FlowEvent) -> None:
     """The default sink: one log line per event on the ``uproxy_trio.flow`` logger.
 
     At INFO a flow writes one line, when it closes: client, server, how it ended, bytes each
-    way, duration, whether interceptors ran and, for a flow a route took, ``route=NAME``.
+    way, duration, whether interceptors ran and, for a flow a route took, ``route=NAME``; a
+    UDP session's line ends with ``transport=udp`` (its bytes are datagrams' payloads).
     DEBUG adds its opening, the upstream connect and each half-close. Each record carries
     the event itself as ``record.flow_event``, so a formatter can render it as structured
     data (``uproxy serve --log-format json`` does).
@@ -141,7 +142,7 @@ def log_event(event: FlowEvent) -> None:
         LOGGER.log(
             level,
             "flow %d close reason=%s client=%s server=%s first=%s client_to_server=%d "
-            "server_to_client=%d duration=%.3fs intercepted=%s%s",
+            "server_to_client=%d duration=%.3fs intercepted=%s%s%s",
             flow.id,
             event.reason,
             format_address(flow.client),
@@ -152,15 +153,17 @@ def log_event(event: FlowEvent) -> None:
             event.duration_s,
             "true" if event.intercepted else "false",
             "" if event.route is None else f" route={event.route}",
+            _transport(flow),
             extra=extra,
         )
     elif isinstance(event, FlowOpened):
         LOGGER.log(
             level,
-            "flow %d open client=%s server=%s",
+            "flow %d open client=%s server=%s%s",
             flow.id,
             format_address(flow.client),
             format_address(flow.server),
+            _transport(flow),
             extra=extra,
         )
     elif isinstance(event, UpstreamConnected):
@@ -196,3 +199,8 @@ def log_event(event: FlowEvent) -> None:
             exc_info=event.error,
             extra=extra,
         )
+
+
+def _transport(flow: Flow) -> str:
+    """The end of a line for a UDP session; TCP, the common case, adds nothing."""
+    return "" if flow.transport == "tcp" else f" transport={flow.transport}"

@@ -2,7 +2,8 @@
 
 Both work by not asking for the next chunk: the relay then stops reading that side, the
 kernel's receive buffer fills and TCP's own flow control slows the sender. Nothing queues up
-in the proxy.
+in the proxy. On a UDP session the kernel drops what the receive buffer cannot hold, as a
+slow link would; a datagram is never cut into slices.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def throttle(bytes_per_second: float, *, direction: Direction | str | None = Non
     ) -> AsyncIterator[bytes]:
         # The time at which everything yielded so far has been "paid for".
         paid_until = trio.current_time()
+        if flow.transport == "udp":
+            async for datagram in chunks:  # whole datagrams, each paid for before it goes
+                paid_until = max(paid_until, trio.current_time()) + len(datagram) / bytes_per_second
+                await trio.sleep_until(paid_until)
+                yield datagram
+            return
         async for chunk in chunks:
             for start in range(0, len(chunk), slice_size):
                 piece = chunk[start : start + slice_size]

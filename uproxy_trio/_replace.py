@@ -3,6 +3,9 @@
 Both interceptors give the same output for any split of the input into chunks as
 ``bytes.replace`` / ``re.sub`` on the whole input (a property test holds them to it). The
 price is holding back the bytes that might still become part of a match.
+
+On a UDP session each datagram is a message of its own: it is replaced whole, and nothing is
+ever held back for the next one (a match never spans two datagrams).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ def replace(old: bytes, new: bytes, *, direction: Direction | str | None = None)
     async def replace_bytes(
         flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
     ) -> AsyncIterator[bytes]:
+        if flow.transport == "udp":
+            async for datagram in chunks:
+                yield datagram.replace(old, new)
+            return
         carry = b""
         async for chunk in chunks:
             data = carry + chunk if carry else chunk
@@ -88,6 +95,10 @@ def regex_replace(
     async def replace_regex(
         flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
     ) -> AsyncIterator[bytes]:
+        if flow.transport == "udp":
+            async for datagram in chunks:
+                yield regex.sub(template, datagram)
+            return
         carry = b""
         async for chunk in chunks:
             data = carry + chunk
