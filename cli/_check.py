@@ -20,7 +20,7 @@ from uproxy_netns import PortRange, TproxySetup, has_local_route, has_policy_rul
 from uproxy_trio import Address, format_address, transparency_available
 
 from ._conntrack import invalid_drops, notrack_fix, notrack_in_place
-from ._installed import installed_tproxy, run_tool, unreadable_rules
+from ._installed import InstalledTproxy, installed_tproxy, run_tool, unreadable_rules
 from ._rules import (
     DEFAULT_LISTEN,
     Listen,
@@ -117,7 +117,7 @@ def check_policy_routing(setup: TproxySetup, version: int) -> list[Check]:
 
 def check_rules(setup: TproxySetup, listen: Sequence[str], targets: set[Address]) -> list[Check]:
     checks = []
-    for version in setup.versions:
+    for version in setup.tcp_versions:
         host, port = setup.listener(version)
         checks.append(
             Check(
@@ -128,6 +128,30 @@ def check_rules(setup: TproxySetup, listen: Sequence[str], targets: set[Address]
                 + " --apply",
             )
         )
+    return checks
+
+
+def check_udp_rules(setup: TproxySetup, installed: InstalledTproxy) -> list[Check]:
+    """For ``--udp-listen``: a UDP TPROXY rule delivers to each UDP listener, and ICMP
+    errors reach the sessions' sockets (else a server's port unreachable is forwarded to
+    the client and the session waits for its idle timeout)."""
+    checks = []
+    for version in setup.udp_versions:
+        address = format_address(setup.udp_listener(version))
+        checks += [
+            Check(
+                f"a UDP TPROXY rule delivers to {address}",
+                setup.udp_listener(version) in installed.udp_targets,
+                "uproxy rules --in-interface IFACE --out-interface IFACE --udp-port PORT "
+                f"--udp-listen {address} --apply",
+            ),
+            Check(
+                f"ICMP errors reach the UDP sessions' sockets (IPv{version})",
+                version in installed.icmp_versions,
+                "uproxy rules ... --udp-port PORT --apply adds the rule",
+                warning=True,
+            ),
+        ]
     return checks
 
 
@@ -244,6 +268,7 @@ def run_checks(setup: TproxySetup, listen: Sequence[str], interfaces: Sequence[s
         )
     else:
         checks += check_rules(setup, listen, installed.targets)
+        checks += check_udp_rules(setup, installed)
         checks += check_interfaces(installed.interfaces | set(interfaces), installed.interfaces)
     checks += [check_forwarding(version) for version in setup.versions]
     if unreadable is None:
@@ -280,6 +305,16 @@ OutInterface = Annotated[
 
 def check(
     listen: Listen = None,
+    udp_listen: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--udp-listen",
+            metavar="HOST:PORT",
+            envvar="UPROXY_UDP_LISTEN",
+            help="Where `uproxy serve --udp-listen` listens: checks the UDP rules too.",
+            show_default="no UDP",
+        ),
+    ] = None,
     mark: Mark = 1,
     table: Table = 100,
     in_interface: InInterface = None,
@@ -289,7 +324,8 @@ def check(
 
     Looks at: kernel support for TPROXY and socket matching, the right to set
     IP_TRANSPARENT, the fwmark ip rule and the local route of the routing table, TPROXY
-    rules that deliver to each --listen address, the interfaces those rules name (they must
+    rules that deliver to each --listen address (and --udp-listen address, with the rule
+    that brings ICMP errors to UDP sessions), the interfaces those rules name (they must
     exist and be up), forwarding, and strict reverse-path filtering. Prints a checklist with
     a fix for each miss; exits 0 when everything is in place, 1 otherwise.
 
@@ -299,7 +335,7 @@ def check(
       ip netns exec upxlab-1a2b-proxy uproxy check
     """
     values = listen or [DEFAULT_LISTEN]
-    setup = routing_setup(listen=values, mark=mark, table=table)
+    setup = routing_setup(listen=values, mark=mark, table=table, udp_listen=udp_listen or ())
     interfaces = [
         check_interface(name, hint)
         for name, hint in ((in_interface, "'--in-interface'"), (out_interface, "'--out-interface'"))

@@ -25,6 +25,8 @@ _NFT_TARGETS = (
 )
 _NFT_INTERFACE = re.compile(r'\biif(?:name)? (!= )?(\{[^}]*\}|"[^"]*"|\S+)')
 _NFT_PORTS = re.compile(r"\b(?:tcp|th) [ds]port (!= )?(\{[^}]*\}|\S+)")
+_NFT_UDP = re.compile(r"\budp [ds]port\b|l4proto udp\b")
+_ICMP = re.compile(r"\b(?:ipv6-icmp|icmpv6|icmp)\b")
 _IPT_INTERFACE = re.compile(r"(?:^|\s)(! )?-i (\S+)")
 _IPT_PORTS = re.compile(r"(! )?--(?:[ds]ports?|destination-ports?|source-ports?) (\S+)")
 
@@ -38,6 +40,10 @@ class InstalledTproxy:
     (iptables) are wildcards."""
     port_ranges: list[PortRange] = field(default_factory=list)
     """The intercepted ports, merged."""
+    udp_targets: set[tuple[str, int]] = field(default_factory=set)
+    """The (address, port) pairs a UDP TPROXY rule delivers to."""
+    icmp_versions: set[int] = field(default_factory=set)
+    """IP versions with a rule that sends ICMP errors to the sockets they concern."""
 
 
 def run_tool(argv: Sequence[str]) -> str:
@@ -72,6 +78,10 @@ def installed_tproxy() -> InstalledTproxy:
         for pattern in _NFT_TARGETS:
             for host, port in pattern.findall(line):
                 found.targets.add((normal_address(host), int(port)))
+                if _NFT_UDP.search(line):
+                    found.udp_targets.add((normal_address(host), int(port)))
+        if "socket transparent" in line:
+            found.icmp_versions.update(_icmp_versions(line))
         found.interfaces.update(_operands(_NFT_INTERFACE, line))
         ranges += _port_ranges(_operands(_NFT_PORTS, line))
     for tool in ("iptables-save", "ip6tables-save"):
@@ -81,7 +91,12 @@ def installed_tproxy() -> InstalledTproxy:
             ip_match = re.search(r"--on-ip (\S+)", line)
             port_match = re.search(r"--on-port (\d+)", line)
             if ip_match and port_match:
-                found.targets.add((normal_address(ip_match.group(1)), int(port_match.group(1))))
+                target = (normal_address(ip_match.group(1)), int(port_match.group(1)))
+                found.targets.add(target)
+                if "-p udp" in line:
+                    found.udp_targets.add(target)
+            if "-m socket" in line:
+                found.icmp_versions.update(_icmp_versions(line))
             found.interfaces.update(_operands(_IPT_INTERFACE, line))
             ranges += _port_ranges(_operands(_IPT_PORTS, line))
     found.port_ranges = merge_port_ranges(ranges)
@@ -115,3 +130,9 @@ def _port_ranges(items: Iterator[str]) -> list[PortRange]:
         except ValueError:
             continue  # a named service or a set reference: not a port we can read
     return ranges
+
+
+def _icmp_versions(line: str) -> set[int]:
+    """The IP versions whose ICMP errors a socket-matching rule covers (none if it is not
+    about ICMP)."""
+    return {6 if "6" in name else 4 for name in _ICMP.findall(line)}

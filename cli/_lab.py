@@ -35,8 +35,9 @@ lab_app = typer.Typer(
     no_args_is_help=True,
 )
 
-# The rules a kept lab gets: the seed's, with bare SYNs sent to TPROXY (see `uproxy rules`).
-KEPT_LAB_TPROXY = TproxySetup(ports="9090-9099", syn_to_tproxy=True)
+# The rules a kept lab gets: the seed's, with bare SYNs sent to TPROXY (see `uproxy rules`),
+# and the same ports for UDP, delivered to UDP port 9091.
+KEPT_LAB_TPROXY = TproxySetup(ports="9090-9099", syn_to_tproxy=True, udp_ports="9090-9099")
 
 
 def uproxy_program() -> str:
@@ -50,13 +51,14 @@ def how_to_use(lab: Lab) -> str:
     uproxy = uproxy_program()
     return "\n".join(
         [
-            f"lab {lab.tag} is up: intercepting TCP ports 9090-9099 on the proxy host",
+            f"lab {lab.tag} is up: intercepting TCP and UDP ports 9090-9099 on the proxy host",
             f"  client  {CLIENT_V4 + ' ' + CLIENT_V6:<28} ip netns exec {lab.client.name} bash",
             f"  proxy   {'(the router)':<28} ip netns exec {lab.proxy.name} bash",
             f"  server  {SERVER_V4 + ' ' + SERVER_V6:<28} ip netns exec {lab.server.name} bash",
             "start the proxy:",
             f"  ip netns exec {lab.proxy.name} {uproxy} serve "
-            "--listen 127.0.0.1:9091 --listen [::1]:9091 --label '<via uproxy>'",
+            "--listen 127.0.0.1:9091 --listen [::1]:9091 --label '<via uproxy>' \\",
+            "      --udp-listen 127.0.0.1:9091 --udp-listen [::1]:9091",
             "then, for example:",
             f"  ip netns exec {lab.server.name} python3 -m http.server 9090 --bind ::",
             f"  ip netns exec {lab.client.name} curl http://{SERVER_V4}:9090/",

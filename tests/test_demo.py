@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from cli_tools import run_uproxy, uproxy_argv
 
-from uproxy_netns import CLIENT_V4, CLIENT_V6, Lab, kept_labs
+from uproxy_netns import CLIENT_V4, CLIENT_V6, Lab, Namespace, kept_labs
 from uproxy_netns._namespace import NETNS_DIR
 
 pytestmark = pytest.mark.lab
@@ -83,6 +83,10 @@ def test_lab_up_status_down(lab: Lab) -> None:
         for role in ("client", "proxy", "server"):
             assert f"ip netns exec {tag}-{role} bash" in up.stdout
         assert re.search(rf"ip netns exec {tag}-proxy \S*uproxy serve --listen", up.stdout)
+        assert "--udp-listen 127.0.0.1:9091 --udp-listen [::1]:9091" in up.stdout
+        for save in ("iptables-save", "ip6tables-save"):
+            rules = Namespace(f"{tag}-proxy").run([save, "-t", "mangle"])
+            assert "-p udp -m udp --dport 9090:9099 -j TPROXY" in rules
         status = run_uproxy("lab", "status")
         assert tag in status.stdout.split()
         down = run_uproxy("lab", "down", tag)

@@ -126,3 +126,33 @@ async def test_udp_sessions_work_behind_the_rules_uproxy_rules_applies(
     client_text = f"[{client_ip}]" if ":" in client_ip else client_ip
     assert f"close reason=cancelled client={client_text}:" in proxy.log
     assert "transport=udp" in proxy.log
+
+
+@pytest.mark.lab
+def test_check_udp_listen_misses_the_udp_rules_until_uproxy_rules_applies_them(
+    plain_lab: Lab,
+) -> None:
+    proxy = plain_lab.proxy
+    rules = ["rules", *LAB_INTERFACES, *LISTEN_BOTH]
+    assert run_uproxy(*rules, "--port", "9090", "--apply", namespace=proxy).returncode == 0
+    done = run_uproxy("check", *LISTEN_BOTH, *UDP_LISTEN_ARGS, namespace=proxy)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    assert "MISS  a UDP TPROXY rule delivers to 127.0.0.1:9091" in lines
+    assert "MISS  a UDP TPROXY rule delivers to [::1]:9091" in lines
+    assert "WARN  ICMP errors reach the UDP sessions' sockets (IPv6)" in lines
+    assert "ok    a TPROXY rule delivers to 127.0.0.1:9091" in lines  # TCP's, not UDP's
+
+    applied = run_uproxy(*rules, "--port", "9090", *UDP_ARGS, "--apply", namespace=proxy)
+    assert applied.returncode == 0, applied.stderr
+    done = run_uproxy("check", *LISTEN_BOTH, *UDP_LISTEN_ARGS, namespace=proxy)
+    assert done.returncode == 0, done.stdout
+    assert "ok    a UDP TPROXY rule delivers to [::1]:9091" in done.stdout.splitlines()
+    assert "ok    ICMP errors reach the UDP sessions' sockets (IPv4)" in done.stdout.splitlines()
+
+
+@pytest.mark.lab
+def test_the_lab_has_udp_rules_that_check_accepts(lab: Lab) -> None:
+    done = run_uproxy("check", *LISTEN_BOTH, *UDP_LISTEN_ARGS, namespace=lab.proxy)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "WARN" not in done.stdout
