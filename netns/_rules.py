@@ -38,14 +38,16 @@ _SHORTCUT_WHY = (
 )
 
 _UDP_WHY = (
-    "UDP: a session's datagrams, either way, and the ICMP errors about them (port",
-    "unreachable from a server, say) go to the session's own transparent socket, which is",
-    "connected to its peer; without the ICMP rule a server's 'port unreachable' would be",
-    "forwarded to the client and the session would wait for its idle timeout. Only a",
-    "client's datagram that no session holds goes on to TPROXY and the UDP listener. The",
-    "servers' side has no TPROXY rule for UDP: a server's datagram for a session the proxy",
-    "no longer holds is routed to the client as it would be without the proxy, instead of",
-    "opening a session from the server.",
+    "UDP: the servers' datagrams, and the ICMP errors about a session (port unreachable",
+    "from a server, say), go to the session's own transparent socket, connected to its peer;",
+    "without the ICMP rule a server's 'port unreachable' would be forwarded to the client and",
+    "the session would wait for its idle timeout. The clients' datagrams all go to TPROXY,",
+    "with no socket shortcut: TPROXY itself finds a session's connected socket first, and",
+    "takes no socket that is not connected yet, while a shortcut would match a new session's",
+    "socket between its bind() and connect() and hand it another client's datagram (or, once",
+    "connected, drop it). The servers' side has no TPROXY rule for UDP: a server's datagram",
+    "for a session the proxy no longer holds is routed to the client as it would be without",
+    "the proxy, instead of opening a session from the server.",
 )
 
 _TPROXY_WHY = (
@@ -193,14 +195,11 @@ class TproxySetup:
         if not self.udp_ports:
             return []
         icmp = "icmp" if version == 4 else "ipv6-icmp"
-        lines = []
-        for ports in _iptables_form(self.udp_port_ranges):
-            lines += [
-                f"-A PREROUTING -i {self.in_interface} -p udp --dport {ports} "
-                "-m socket --transparent -j DIVERT",
-                f"-A PREROUTING -i {self.out_interface} -p udp --sport {ports} "
-                "-m socket --transparent -j DIVERT",
-            ]
+        lines = [
+            f"-A PREROUTING -i {self.out_interface} -p udp --sport {ports} "
+            "-m socket --transparent -j DIVERT"
+            for ports in _iptables_form(self.udp_port_ranges)
+        ]
         for interface in (self.in_interface, self.out_interface):
             lines.append(
                 f"-A PREROUTING -i {interface} -p {icmp} -m socket --transparent -j DIVERT"
@@ -277,7 +276,6 @@ class TproxySetup:
             family = f"meta nfproto ipv{version}"
             icmp = "icmp" if version == 4 else "ipv6-icmp"
             body += [
-                f"{indent}{in_} {family} udp dport {udp_set} socket transparent 1 {mark} accept",
                 f"{indent}{out} {family} udp sport {udp_set} socket transparent 1 {mark} accept",
                 f'{indent}iifname {{ "{self.in_interface}", "{self.out_interface}" }} {family} '
                 f"meta l4proto {icmp} socket transparent 1 {mark} accept",
@@ -339,11 +337,10 @@ class TproxySetup:
         if udp:
             icmp = "icmp" if version == 4 else "ipv6-icmp"
             lines += _comment(_UDP_WHY)
-            for ports in _iptables_form(self.udp_port_ranges):
-                lines += [
-                    f"-A {chain} {in_} -p udp --dport {ports} -m socket --transparent -j {divert}",
-                    f"-A {chain} {out} -p udp --sport {ports} -m socket --transparent -j {divert}",
-                ]
+            lines += [
+                f"-A {chain} {out} -p udp --sport {ports} -m socket --transparent -j {divert}"
+                for ports in _iptables_form(self.udp_port_ranges)
+            ]
             lines += [
                 f"-A {chain} {side} -p {icmp} -m socket --transparent -j {divert}"
                 for side in (in_, out)

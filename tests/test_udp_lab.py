@@ -195,13 +195,31 @@ async def test_a_60000_byte_datagram_goes_through_whole(
 
 
 async def test_a_datagram_handed_to_a_half_made_session_goes_to_its_own(
-    inside_proxy: Lab, monkeypatch: pytest.MonkeyPatch
+    inside_proxy: Lab, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    """Between a session socket's bind and connect, TPROXY's socket rule can hand it another
-    client's datagram. Forced here: while the proxy makes A's session, B's first datagram
-    is sent (and delivered, in the sending call) at the exact moment. It must reach the
-    server from B's address, in B's own session, and A's session must carry only A's."""
+    """Between a session socket's bind and connect, a socket-matching shortcut rule for the
+    clients' datagrams (as the seed's TCP rules have; ``uproxy rules`` writes none for UDP)
+    can hand it another client's datagram. Forced here: while the proxy makes A's session,
+    B's first datagram is sent (and delivered, in the sending call) at the exact moment. It
+    must reach the server from B's address, in B's own session, and A's session must carry
+    only A's."""
     lab, server_address = inside_proxy, ("198.51.100.2", UDP_PORT)
+    shortcut = [
+        "PREROUTING",
+        "-i",
+        "ens6",
+        "-p",
+        "udp",
+        "--dport",
+        "9090",
+        "-m",
+        "socket",
+        "--transparent",
+        "-j",
+        "DIVERT",
+    ]
+    lab.proxy.run(["iptables", "-t", "mangle", "-I", *shortcut])
+    request.addfinalizer(lambda: lab.proxy.run(["iptables", "-t", "mangle", "-D", *shortcut]))
     real_open = open_session_socket
     intruder = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
     intruder.bind(("192.0.2.2", 0))

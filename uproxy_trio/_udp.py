@@ -30,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from ._address import Address, format_address, from_sockaddr
+from ._address import Address, format_address
 from ._datagram import (
     MAX_DATAGRAM,
     NoOriginalDestination,
@@ -152,6 +152,7 @@ class UdpSessions:
         self.sessions_total = 0
         self.handed_back = 0
         """Datagrams a session's socket was handed that belonged to another session."""
+        self._stray = self._handed_back  # one bound method for every session
         self.dropped: Counter[Drop] = Counter()
         self._closed_datagrams = dict.fromkeys(Direction, 0)
         self._drops_logged: dict[Drop, tuple[float, int]] = {}
@@ -240,12 +241,7 @@ class UdpSessions:
         flow = Flow(next(self._flow_ids), client=client, server=server, transport="udp")
         readiness = Readiness(_FRESH)
         ways = both_ways(
-            client_sock,
-            server_sock,
-            readiness,
-            self._buffer,
-            self.dropped,
-            self._stray_from(server),
+            flow, client_sock, server_sock, readiness, self._buffer, self.dropped, self._stray
         )
         session = _Session(flow, self._plan(flow), client_sock, server_sock, ways)
         self._table[(client, server)] = session
@@ -254,22 +250,17 @@ class UdpSessions:
         self._nursery.start_soon(self._run_session, session, name=_SESSION_TASK)
         return session
 
-    def _stray_from(self, server: Address) -> Callable[[bytes, Address], None]:
-        """What a session's client-side socket does with a datagram its client did not send
+    def _handed_back(self, data: bytes, client: Address, server: Address) -> None:
+        """A datagram a session's client-side socket was handed that its client did not send
         (another client's, to the same server, handed over between ``bind`` and ``connect``):
-        it goes back through the listener's path, to its own session."""
-
-        def stray(data: bytes, sender: Address) -> None:
-            client = from_sockaddr(sender)
-            LOGGER.debug(
-                "UDP datagram from %s to %s reached another session: handed back",
-                format_address(client),
-                format_address(server),
-            )
-            self.handed_back += 1
-            self.deliver(data, client, server)
-
-        return stray
+        back through the listener's path, to its own session."""
+        self.handed_back += 1
+        LOGGER.debug(
+            "UDP datagram from %s to %s reached another session: handed back",
+            format_address(client),
+            format_address(server),
+        )
+        self.deliver(data, client, server)
 
     async def _run_session(self, session: _Session) -> None:
         """One session, from its first datagram to its end."""

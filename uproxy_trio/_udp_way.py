@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 
 import trio
 
-from ._address import Address
+from ._address import Address, from_sockaddr
 from ._datagram import MAX_DATAGRAM, PEER_GONE_ERRNOS
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
@@ -100,6 +100,7 @@ class DatagramWay:
         "direction",
         "end",
         "errno",
+        "flow",
         "held",
         "inbox",
         "mask",
@@ -121,7 +122,8 @@ class DatagramWay:
         readiness: Readiness,
         buffer: memoryview,
         drops: MutableMapping[Drop, int],
-        on_stray: Callable[[bytes, Address], None] | None,
+        flow: Flow,
+        on_stray: Callable[[bytes, Address, Address], None] | None,
     ) -> None:
         self.direction = direction
         self.source = source
@@ -130,11 +132,18 @@ class DatagramWay:
         self._buffer = buffer
         self._drops = drops
         self.on_stray = on_stray
-        # The source's peer as recvfrom reports it: compared to each datagram's source.
-        self._peer = source.getpeername()[:2]
+        self.flow = flow
+        # The source's peer, compared to each datagram's source (recvfrom's first two
+        # fields): the flow's own tuple, so that a session holds no copy of it, once the
+        # kernel has said it writes the address the same way.
+        expected = flow.client if direction is Direction.CLIENT_TO_SERVER else flow.server
+        peer = source.getpeername()[:2]
+        self._peer = expected if peer == expected else peer
         self.readable, self.writable = _BITS[direction]
         self.mask = self.readable | self.writable
-        self.inbox: deque[bytes] = deque()
+        # Made for the session's first datagram, dropped once empty: most sessions need it
+        # for that one datagram only, and an empty deque costs 600 bytes.
+        self.inbox: deque[bytes] | None = None
         self.held: bytes | None = None  # read, but the sink's buffer was full
         self.datagrams = self.read = self.written = 0
         self.end: DatagramEnd | None = None
@@ -147,11 +156,22 @@ class DatagramWay:
         one that was in flight while the session was set up): relayed as if read here."""
         self.datagrams += 1
         self.read += len(data)
-        if len(self.inbox) >= INBOX_DATAGRAMS:
+        inbox = self.inbox
+        if inbox is None:
+            inbox = self.inbox = deque()
+        elif len(inbox) >= INBOX_DATAGRAMS:
             self._drop(Drop.QUEUE_FULL)
             return
-        self.inbox.append(data)
+        inbox.append(data)
         self._look_again()
+
+    def _next_in_inbox(self) -> bytes:
+        inbox = self.inbox
+        assert inbox is not None
+        datagram = inbox.popleft()
+        if not inbox:
+            self.inbox = None
+        return datagram
 
     def _look_again(self) -> None:
         """Make whoever moves this direction look at it now, as an edge on its source would:
@@ -181,10 +201,10 @@ class DatagramWay:
                 held, self.held = self.held, None
                 self._send(held)
                 continue
-            if self.inbox:
+            if self.inbox is not None:
                 if not readiness.bits & writable:
                     return _STUCK
-                self._send(self.inbox.popleft())
+                self._send(self._next_in_inbox())
                 continue
             if not readiness.bits & readable:
                 return _STUCK
@@ -234,7 +254,7 @@ class DatagramWay:
         if self.on_stray is None:
             self._drop(Drop.STRAY)
         else:
-            self.on_stray(data, sender)
+            self.on_stray(data, from_sockaddr(sender), self.flow.server)
 
     def _drop(self, why: Drop) -> None:
         self._drops[why] += 1
@@ -266,8 +286,8 @@ class DatagramWay:
         readiness, readable, source, peer = self.readiness, self.readable, self.source, self._peer
         reads = 0
         while True:
-            if self.inbox:
-                yield self.inbox.popleft()
+            if self.inbox is not None:
+                yield self._next_in_inbox()
                 continue
             if not readiness.bits & readable:
                 await readiness.wait(readable)
@@ -311,21 +331,27 @@ class DatagramWay:
 
 
 def both_ways(
+    flow: Flow,
     client: socket.socket,
     server: socket.socket,
     readiness: Readiness,
     buffer: memoryview,
     drops: MutableMapping[Drop, int],
-    on_stray: Callable[[bytes, Address], None],
+    on_stray: Callable[[bytes, Address, Address], None],
 ) -> tuple[DatagramWay, DatagramWay]:
     """A session's two directions, client to server first, on one ``readiness``.
 
     ``client`` is the socket facing the client (bound to the original destination),
     ``server`` the one facing the server (bound to the client's address). A stray on the
-    client side goes to ``on_stray``; one on the server side (a datagram to the client's
-    address from anyone but the server) is nobody's, and is dropped.
+    client side goes to ``on_stray(data, its client, the session's server)``; one on the
+    server side (a datagram to the client's address from anyone but the server) is nobody's,
+    and is dropped.
     """
     return (
-        DatagramWay(Direction.CLIENT_TO_SERVER, client, server, readiness, buffer, drops, on_stray),
-        DatagramWay(Direction.SERVER_TO_CLIENT, server, client, readiness, buffer, drops, None),
+        DatagramWay(
+            Direction.CLIENT_TO_SERVER, client, server, readiness, buffer, drops, flow, on_stray
+        ),
+        DatagramWay(
+            Direction.SERVER_TO_CLIENT, server, client, readiness, buffer, drops, flow, None
+        ),
     )
