@@ -22,6 +22,7 @@ trip through the scheduler.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import math
@@ -736,8 +737,23 @@ async def relay_direction(
     interceptors (the route's ``chain``, and those set on it live, in ``live_chains``),
     moving between the two as the live ones come and go; then its EOF passed on as a FIN, or
     the flow reset."""
+    # One frame, no closure, for a direction that stays plain: thousands of idle flows each
+    # keep two of these parked.
+    end: EndKind | None = None
+    error: BaseException | None = None
     try:
-        end, error = await _relay_until_over(flow, way, live, chain, live_chains)
+        while end is None:
+            way.switching = False
+            if chain or (live_chains and _live_now(flow, way, live, live_chains)):
+                live.intercepted = True
+                wanted = functools.partial(_live_now, flow, way, live, live_chains)
+                result = await way.relay_intercepted(flow, chain, wanted)
+                if result is not None:
+                    end, error = result
+                # else nothing intercepts it any more: back to the plain path.
+            else:
+                await way.readiness.pump(way)
+                end = way.end  # None: live interceptors have come, onto the interceptor path
     finally:
         way.release()
     ending = live.ending
@@ -756,31 +772,14 @@ async def relay_direction(
         live.scope.cancel()
 
 
-async def _relay_until_over(
+def _live_now(
     flow: Flow,
     way: Way,
     live: _LiveFlow,
-    chain: Sequence[Interceptor],
     live_chains: Mapping[str | None, Sequence[Interceptor]],
-) -> tuple[EndKind, BaseException | None]:
-    route = live.plan.route
-
-    def live_now() -> tuple[Interceptor, ...]:
-        return way.picks(flow, live_chains.get(route, ()))
-
-    while True:
-        way.switching = False
-        if chain or (live_chains and live_now()):
-            live.intercepted = True
-            result = await way.relay_intercepted(flow, chain, live_now)
-            if result is not None:
-                return result
-            # Nothing intercepts it any more: back to the plain path.
-        else:
-            await way.readiness.pump(way)
-            if way.end is not None:
-                return way.end, None
-            # Live interceptors have come: onto the interceptor path.
+) -> tuple[Interceptor, ...]:
+    """The live interceptors ``way`` runs now: those set on its route that pick it."""
+    return way.picks(flow, live_chains.get(live.plan.route, ()))
 
 
 def close_flow(
