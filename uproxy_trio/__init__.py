@@ -5,6 +5,7 @@ The public API is what this module re-exports; everything in ``_modules`` may ch
 """
 
 from ._address import Address, format_address, parse_address
+from ._ending import CloseFlow, ResetFlow
 from ._events import (
     EventSink,
     FlowClosed,
@@ -17,8 +18,9 @@ from ._events import (
     UpstreamFailed,
     log_event,
 )
-from ._flow import Direction, Flow
-from ._interceptor import Interceptor, directions, in_own_task, interceptor_factory
+from ._flow import Direction, Flow, FlowInfo
+from ._forward import Forward
+from ._interceptor import Interceptor, directions, for_flows, in_own_task, interceptor_factory
 from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
 from ._routes import Route, Routes
 from ._transparent import TransparencyUnavailable, transparency_available
@@ -32,17 +34,21 @@ __all__ = [
     "DEFAULT_MAX_UDP_SESSIONS",
     "DEFAULT_UDP_IDLE_TIMEOUT_S",
     "Address",
+    "CloseFlow",
     "Direction",
     "EventSink",
     "Flow",
     "FlowClosed",
     "FlowEvent",
+    "FlowInfo",
     "FlowOpened",
     "FlowRefused",
+    "Forward",
     "HalfClosed",
     "Interceptor",
     "InterceptorFailed",
     "Proxy",
+    "ResetFlow",
     "Route",
     "Routes",
     "TransparencyUnavailable",
@@ -51,6 +57,7 @@ __all__ = [
     "UpstreamConnected",
     "UpstreamFailed",
     "directions",
+    "for_flows",
     "format_address",
     "in_own_task",
     "interceptor_factory",

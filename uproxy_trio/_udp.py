@@ -69,6 +69,14 @@ _UNREACHABLE = frozenset(
     {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.ENONET}
 )
 
+_BY_INTERCEPTOR = frozenset(
+    {
+        DatagramEnd.INTERCEPTOR_FAILED,
+        DatagramEnd.INTERCEPTOR_CLOSED,
+        DatagramEnd.INTERCEPTOR_RESET,
+    }
+)
+
 LOGGER = logging.getLogger("uproxy_trio")
 
 
@@ -78,18 +86,24 @@ class SessionPlan(Protocol):
     @property
     def route(self) -> str | None: ...
 
-    @property
-    def chains(self) -> Mapping[Direction, Sequence[Interceptor]]: ...
-
-    @property
-    def intercepted(self) -> bool: ...
+    def chains_for(self, flow: Flow) -> Mapping[Direction, Sequence[Interceptor]]: ...
 
 
 class _Session:
     """One session in flight: its sockets, its two directions, how it is ending, and the
     cancel scope of its nursery (``None`` until its task has opened it)."""
 
-    __slots__ = ("client_sock", "flow", "plan", "reason", "scope", "server_sock", "started", "ways")
+    __slots__ = (
+        "chains",
+        "client_sock",
+        "flow",
+        "reason",
+        "route",
+        "scope",
+        "server_sock",
+        "started",
+        "ways",
+    )
 
     def __init__(
         self,
@@ -100,7 +114,8 @@ class _Session:
         ways: tuple[DatagramWay, DatagramWay],
     ) -> None:
         self.flow = flow
-        self.plan = plan
+        self.route = plan.route
+        self.chains = plan.chains_for(flow)
         self.client_sock = client_sock
         self.server_sock = server_sock
         self.ways = ways
@@ -282,7 +297,7 @@ class UdpSessions:
                     if session.reason is not None:
                         nursery.cancel_scope.cancel()  # stopped before it started
                     for way in session.ways:
-                        chain = session.plan.chains[way.direction]
+                        chain = session.chains[way.direction]
                         nursery.start_soon(self._relay, session, way, chain, name=_RELAY_TASK)
         except Exception:
             session.stop("proxy_error")
@@ -302,8 +317,8 @@ class UdpSessions:
                     to_server,
                     to_client,
                     trio.current_time() - session.started,
-                    session.plan.intercepted,
-                    session.plan.route,
+                    any(session.chains.values()),
+                    session.route,
                 )
             )
 
@@ -359,8 +374,8 @@ class UdpSessions:
 def _close_reason(way: DatagramWay) -> str:
     """A session's close reason from the direction that ended it."""
     end = way.end
-    if end is DatagramEnd.INTERCEPTOR_FAILED:
-        return "interceptor_failed"
+    if end in _BY_INTERCEPTOR:
+        return end.value
     if end is DatagramEnd.CHAIN_ENDED or end is None:
         return "closed"
     side = way.direction.source if end is DatagramEnd.SOURCE_GONE else way.direction.sink

@@ -27,6 +27,7 @@ import trio
 
 from ._address import Address, from_sockaddr
 from ._datagram import MAX_DATAGRAM, PEER_GONE_ERRNOS
+from ._ending import CloseFlow, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
 from ._readiness import READABLE, WRITABLE, Readiness, Side, Turn, bit
@@ -73,6 +74,10 @@ class DatagramEnd(enum.Enum):
     """Its interceptor chain stopped asking for datagrams."""
     INTERCEPTOR_FAILED = "interceptor_failed"
     """An interceptor raised."""
+    INTERCEPTOR_CLOSED = "interceptor_closed"
+    """An interceptor raised ``CloseFlow``."""
+    INTERCEPTOR_RESET = "interceptor_reset"
+    """An interceptor raised ``ResetFlow``."""
 
 
 _BITS = {
@@ -277,8 +282,16 @@ class DatagramWay:
         except Exception as exc:  # noqa: BLE001 - whatever an interceptor raises ends its session only
             if self.end is not None:
                 return None  # the source's error reached the chain: that ended it
-            self.end = DatagramEnd.INTERCEPTOR_FAILED
-            return exc
+            # CloseFlow and ResetFlow are asked for, not failures; a session has no FIN or
+            # RST to choose between, so either just ends it.
+            if isinstance(exc, CloseFlow):
+                self.end = DatagramEnd.INTERCEPTOR_CLOSED
+            elif isinstance(exc, ResetFlow):
+                self.end = DatagramEnd.INTERCEPTOR_RESET
+            else:
+                self.end = DatagramEnd.INTERCEPTOR_FAILED
+                return exc
+            return None
         return None
 
     async def datagrams_in(self) -> AsyncIterator[bytes]:
