@@ -18,6 +18,8 @@ from ._lab import (
 )
 from ._namespace import LabError, Namespace
 from ._rules import BACKENDS, PortRange, TproxySetup, merge_port_ranges, parse_port_range
+from ._udp_bench import UdpRelay, UdpResult, UdpSettings, format_udp_report, run_udp_bench
+from ._udp_idle import measure_idle_sessions
 from ._wrk import HttpResult
 
 __all__ = [
@@ -41,13 +43,19 @@ __all__ = [
     "Relay",
     "RelayResult",
     "TproxySetup",
+    "UdpRelay",
+    "UdpResult",
+    "UdpSettings",
     "apply_setup",
+    "format_udp_report",
     "has_local_route",
     "has_policy_rule",
     "kept_labs",
+    "measure_idle_sessions",
     "merge_port_ranges",
     "parse_port_range",
     "remove_setup",
     "run_bench",
+    "run_udp_bench",
     "sweep_stale_labs",
 ]

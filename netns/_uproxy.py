@@ -23,6 +23,7 @@ def uproxy_serve_argv(
     interceptors: Sequence[str],
     workers: int = 1,
     log_level: str | None = BENCH_LOG_LEVEL,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """``python -m uproxy_cli serve`` with the interpreter running us, so the proxy is the same
     installed package as the bench, whichever virtualenv that is.
@@ -36,7 +37,7 @@ def uproxy_serve_argv(
     argv += ["--workers", str(workers)]
     for spec in interceptors:
         argv += ["--interceptor", spec]
-    return argv
+    return [*argv, *extra]
 
 
 @contextmanager
@@ -50,6 +51,7 @@ def running_uproxy(
     name: str = "uproxy",
     workers: int = 1,
     log_level: str | None = BENCH_LOG_LEVEL,
+    extra: Sequence[str] = (),
 ) -> Iterator[Service]:
     """``uproxy serve`` in ``namespace`` for the block, its log in ``workdir/NAME/NAME.log``.
 
@@ -60,6 +62,6 @@ def running_uproxy(
     1 MB per second of wrk at the few thousand new connections a second the lab host reaches
     (2 MB for a 3 s run), deleted with the directory when the bench ends.
     """
-    argv = uproxy_serve_argv(listen_host, listen_port, interceptors, workers, log_level)
+    argv = uproxy_serve_argv(listen_host, listen_port, interceptors, workers, log_level, extra)
     with running(namespace, name, argv, workdir / name, ready_port=listen_port) as service:
         yield service
