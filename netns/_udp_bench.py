@@ -46,7 +46,7 @@ SMALL_DATAGRAM = 64
 # Loss the bulk figure may have: its rate is the highest tried with less.
 MAX_LOSS_PERCENT = 1.0
 # Offered rates tried for bulk, as fractions of what was received when sending flat out.
-_RATE_STEPS = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.1)
+_RATE_STEPS = (0.9, 0.75, 0.6, 0.45, 0.3, 0.2, 0.1)
 # The echo's request/response pairs, one at a time.
 ECHO_ROUNDS = 2000
 _ECHO_TIMEOUT_S = 2.0
@@ -189,14 +189,25 @@ def _bulk(client: Namespace, duration_s: int) -> tuple[float, float]:
     flat_out = _iperf_udp(client, duration_s, BULK_DATAGRAM, "0")
     if flat_out.loss_percent < MAX_LOSS_PERCENT:
         return flat_out.received_bps, flat_out.loss_percent
+    lossy = 1.0
     for fraction in _RATE_STEPS:
-        rate = int(flat_out.received_bps * fraction)
-        run = _iperf_udp(client, duration_s, BULK_DATAGRAM, str(rate))
+        run = _iperf_udp(client, duration_s, BULK_DATAGRAM, _rate(flat_out, fraction))
         if run.loss_percent < MAX_LOSS_PERCENT:
+            # One more try halfway to the step above, which lost too much.
+            between = _iperf_udp(
+                client, duration_s, BULK_DATAGRAM, _rate(flat_out, (fraction + lossy) / 2)
+            )
+            if between.loss_percent < MAX_LOSS_PERCENT and between.received_bps > run.received_bps:
+                run = between
             break
+        lossy = fraction
     # Still 1% or more at the lowest rate (a host busy with something else): that run's
     # figures, whose loss the report shows.
     return run.received_bps, run.loss_percent
+
+
+def _rate(flat_out: _UdpRun, fraction: float) -> str:
+    return str(int(flat_out.received_bps * fraction))
 
 
 def _iperf_udp(client: Namespace, duration_s: int, length: int, bitrate: str) -> _UdpRun:

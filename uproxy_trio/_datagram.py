@@ -43,6 +43,8 @@ _CMSG_SPACE = socket.CMSG_SPACE(28)
 # burst while sessions are being set up (SO_RCVBUFFORCE: we hold CAP_NET_ADMIN anyway).
 LISTENER_RCVBUF = 4 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+# A session socket's receive buffer (the kernel doubles it for its bookkeeping).
+SESSION_RCVBUF = 1 << 20
 
 _SOCKADDR_IN = struct.Struct("=H")  # sa_family, in host order; the rest is read by offset
 
@@ -125,6 +127,12 @@ def open_session_socket(local: Address, peer: Address) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_WANT)
         else:
             sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+        # Room for a burst while the proxy is busy elsewhere (a scheduling hiccup on a shared
+        # host, a turn of other sessions): the kernel only charges what is queued.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SESSION_RCVBUF)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SESSION_RCVBUF)
         sock.bind(local)
         sock.connect(peer)
     except BaseException:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import errno
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 
@@ -35,6 +36,10 @@ from ._readiness import READABLE, WRITABLE, Readiness, Side, Turn, bit
 # Datagrams one pump moves per turn before the other sessions go (a 64-byte datagram costs
 # about 4 us here, so a turn stays well under the reactor's round).
 TURN_DATAGRAMS = 64
+# How long after a session's sockets are connected a datagram from someone else could still
+# be queued for them (a lookup made just before connect() on another CPU, delivered just
+# after it): microseconds in fact; the sources are checked for far longer.
+STRAY_WINDOW_S = 0.05
 # Datagrams an intercepted direction reads in a row before it lets other tasks run.
 FAIRNESS_READS = 16
 # Datagrams for a session that reached the listener and wait for the session's direction:
@@ -99,8 +104,10 @@ class DatagramWay:
 
     __slots__ = (
         "_buffer",
+        "_checking",
         "_drops",
         "_peer",
+        "_trusted_from",
         "datagrams",
         "direction",
         "end",
@@ -153,6 +160,11 @@ class DatagramWay:
         self.datagrams = self.read = self.written = 0
         self.end: DatagramEnd | None = None
         self.errno = 0
+        # A datagram can be queued for the socket before its connect() (see the module's
+        # docstring), or by a softirq that looked it up just before: every source is checked
+        # until the socket has been found empty some time after that.
+        self._checking = True
+        self._trusted_from = time.monotonic() + STRAY_WINDOW_S
 
     # -- datagrams that reached the listener instead -----------------------------------------
 
@@ -195,40 +207,71 @@ class DatagramWay:
 
     def turn(self) -> Turn:
         """Move up to ``TURN_DATAGRAMS`` datagrams without blocking."""
+        if self.held is not None or self.inbox is not None:
+            waiting = self._send_waiting()
+            if waiting is not None:
+                return waiting
         readiness, readable, writable = self.readiness, self.readable, self.writable
-        source, buffer, peer = self.source, self._buffer, self._peer
+        source, sink, buffer = self.source, self.sink, self._buffer
         for _ in range(TURN_DATAGRAMS):
-            if self.end is not None:
-                return _DONE
-            if self.held is not None:
-                if not readiness.bits & writable:
-                    return _STUCK
-                held, self.held = self.held, None
-                self._send(held)
-                continue
-            if self.inbox is not None:
-                if not readiness.bits & writable:
-                    return _STUCK
-                self._send(self._next_in_inbox())
-                continue
             if not readiness.bits & readable:
                 return _STUCK
             try:
-                size, sender = source.recvfrom_into(buffer)
+                if self._checking:
+                    size = self._receive_checked()
+                    if size < 0:
+                        continue  # a stray, handed on
+                else:
+                    size = source.recv_into(buffer)
             except BlockingIOError:
                 readiness.clear(readable)
+                if self._checking and time.monotonic() >= self._trusted_from:
+                    self._checking = False
                 return _STUCK
             except OSError as exc:
                 if self._gone(exc, _SOURCE_GONE):
                     return _DONE
                 continue
-            if sender[:2] != peer:
-                self._stray(bytes(buffer[:size]), sender)
-                continue
             self.datagrams += 1
             self.read += size
-            self._send(buffer[:size])
-        return _DONE if self.end is not None else _MORE
+            try:
+                sink.send(buffer[:size])
+            except BlockingIOError:
+                self.held = bytes(buffer[:size])
+                readiness.clear(writable)
+                return _STUCK
+            except OSError as exc:
+                if self._gone(exc, _SINK_GONE, dropping=True):
+                    return _DONE
+                continue
+            self.written += size
+        return _MORE
+
+    def _receive_checked(self) -> int:
+        """One datagram into the buffer, its source checked: its size, or -1 for a stray
+        (handed on by ``_stray``)."""
+        buffer = self._buffer
+        size, sender = self.source.recvfrom_into(buffer)
+        peer = self._peer
+        # An IPv4 sender is exactly the peer's pair; IPv6 adds flow info and scope.
+        if sender != peer and sender[:2] != peer:
+            self._stray(bytes(buffer[:size]), sender)
+            return -1
+        return size
+
+    def _send_waiting(self) -> Turn | None:
+        """Send what was held and what came through the listener; ``None`` once all is gone."""
+        while self.held is not None or self.inbox is not None:
+            if self.end is not None:
+                return _DONE
+            if not self.readiness.bits & self.writable:
+                return _STUCK
+            if self.held is not None:
+                held, self.held = self.held, None
+                self._send(held)
+            else:
+                self._send(self._next_in_inbox())
+        return _DONE if self.end is not None else None
 
     def _send(self, datagram: bytes | memoryview) -> None:
         """Send one datagram, or hold it (a copy) while the sink's buffer is full."""
@@ -314,7 +357,7 @@ class DatagramWay:
                 if self._gone(exc, _SOURCE_GONE):
                     raise
                 continue
-            if sender[:2] != peer:
+            if sender != peer and sender[:2] != peer:
                 self._stray(data, sender)
                 continue
             self.datagrams += 1
