@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 from lab_tools import CliProxy, eventually_async
@@ -50,3 +52,36 @@ async def test_udp_metrics_count_sessions_datagrams_and_drops(
     (close,) = closes
     assert close.endswith(" transport=udp")
     assert "client_to_server=6 server_to_client=6" in close
+
+
+async def test_udp_with_workers_and_from_the_config_file(
+    lab: Lab, cli_proxy: CliProxy, tmp_path: Path
+) -> None:
+    """``udp_listen`` and the UDP limits read from the config file; two workers share the
+    UDP listener (SO_REUSEPORT), and every session is served by one of them."""
+    config = tmp_path / "uproxy.toml"
+    config.write_text(
+        'udp_listen = ["127.0.0.1:9091", "[::1]:9091"]\nudp_idle_timeout = 30.0\n'
+        "max_udp_sessions = 1000\n"
+    )
+    cli_proxy.start("--config", str(config), "--workers", "2")
+    cli_proxy.wait_for_log("2 workers ready")
+    server = (SERVER_V4, UDP_PORT)
+    async with echo_server(lab, SERVER_V4):
+        clients = [udp_socket(lab.client, CLIENT_V4) for _ in range(20)]
+        try:
+            for index, client in enumerate(clients):
+                data = b"%d" % index
+                with trio.fail_after(10):
+                    while True:  # the workers' UDP listeners may still be coming up
+                        with trio.move_on_after(0.2):
+                            assert (await exchange(client, data, server))[0] == data
+                            break
+        finally:
+            for client in clients:
+                client.close()
+    assert cli_proxy.stop() == 0, cli_proxy.log
+    closes = [line for line in cli_proxy.log.splitlines() if "transport=udp" in line]
+    assert len(closes) == 20
+    assert any("worker 1/2" in line for line in closes)
+    assert any("worker 2/2" in line for line in closes)
