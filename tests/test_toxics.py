@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import socket
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 from relay_tools import FLOW, LoopbackFlow, loopback_flows, pattern, read_to_eof, relayed, write_all
 
-from uproxy_trio import Direction, Flow, Interceptor, directions, for_flows
+from uproxy_cli._spec import SpecError, load_interceptor
+from uproxy_trio import CloseFlow, Direction, Flow, Interceptor, directions, for_flows
 from uproxy_trio._interceptor import chain_for, picks_flows, run_chain, wants
 from uproxy_trio._toxics import slice_bounds
 from uproxy_trio.toxics import (
@@ -592,3 +596,41 @@ async def drive(toxic: Interceptor, direction: Direction, chunks: Sequence[bytes
 
     await run_chain(FLOW, direction, chain_for([toxic], direction), source(), deliver)
     return delivered
+
+
+# -- the README's examples ----------------------------------------------------------------------
+
+
+def readme_toxics_blocks() -> list[str]:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Toxics\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
+def test_the_readmes_toxic_examples_work_as_written() -> None:
+    make_block, own_type_block = readme_toxics_blocks()
+    made: dict[str, Any] = {}
+    exec(make_block, made)
+    assert made["slow"].__name__ == "slow-replies"
+    own: dict[str, Any] = {}
+    exec(own_type_block, own)
+    assert own["flaky"].__name__ == "flaky"
+    types = own["types"]
+    assert set(types) == set(TOXICS) | {"drop_connection"}
+
+    def made_with(percent: int) -> Interceptor:
+        attributes = {"probability_pct": percent}
+        return make_toxic("drop_connection", name="d", attributes=attributes, types=types)
+
+    assert trio.run(drive, made_with(0), S2C, [b"a", b"b"]) == [b"a", b"b"]
+    with pytest.raises(CloseFlow):
+        trio.run(drive, made_with(100), S2C, [b"a"])
+    with pytest.raises(ValueError, match="probability_pct"):
+        made_with(101)
+
+
+def test_a_toxic_type_loads_from_the_command_line_as_an_interceptor() -> None:
+    interceptor = load_interceptor("uproxy_trio.toxics:slicer(average_size=2, delay=0)")
+    assert trio.run(drive, interceptor, C2S, [b"abcd"]) == [b"ab", b"cd"]
+    with pytest.raises(SpecError, match="average_size"):
+        load_interceptor("uproxy_trio.toxics:slicer(average_size=0)")
