@@ -464,6 +464,29 @@ def test_slices_cover_the_chunk_within_the_sizes_and_are_reproducible() -> None:
     assert bounds == slice_bounds(0, 5000, 100, 30, random.Random(1))
 
 
+async def test_a_close_from_a_toxic_behind_latency_comes_out_as_itself_after_the_bytes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # latency reads ahead in a task of its own: what ended its source must reach the relay
+    # as the CloseFlow it was (not wrapped in an exception group), after the bytes before it.
+    cap = make_toxic("limit_data", name="cap", attributes={"bytes": 3})
+    lag = make_toxic("latency", name="lag", attributes={"latency": 100})
+
+    async def source() -> AsyncIterator[bytes]:
+        yield b"abcdef"
+
+    delivered: list[tuple[bytes, float]] = []
+    started = trio.current_time()
+
+    async def deliver(chunk: bytes) -> bool:
+        delivered.append((chunk, trio.current_time() - started))
+        return True
+
+    with pytest.raises(CloseFlow):
+        await run_chain(FLOW, S2C, chain_for([lag, cap], S2C), source(), deliver)
+    assert delivered == [(b"abc", pytest.approx(0.1))]
+
+
 # -- make_toxic: bad input ----------------------------------------------------------------------
 
 
