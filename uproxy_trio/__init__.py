@@ -17,7 +17,8 @@ from ._events import (
     UpstreamFailed,
     log_event,
 )
-from ._flow import Direction, Flow
+from ._flow import Direction, Flow, FlowInfo
+from ._forward import Forward
 from ._interceptor import Interceptor, directions, for_flows, in_own_task, interceptor_factory
 from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
 from ._routes import Route, Routes
@@ -34,8 +35,10 @@ __all__ = [
     "Flow",
     "FlowClosed",
     "FlowEvent",
+    "FlowInfo",
     "FlowOpened",
     "FlowRefused",
+    "Forward",
     "HalfClosed",
     "Interceptor",
     "InterceptorFailed",
