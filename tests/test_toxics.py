@@ -231,7 +231,9 @@ async def test_timeout_fires_with_no_data_at_all(stream: str) -> None:
 
 
 @pytest.mark.parametrize("stream", STREAMS)
-async def test_timeout_zero_drops_its_stream_and_never_closes(stream: str) -> None:
+async def test_timeout_zero_drops_its_stream_until_its_source_ends_then_closes(
+    stream: str,
+) -> None:
     toxic = make_toxic("timeout", name="black_hole", stream=stream, attributes={"timeout": 0})
     with loopback_flows(1) as (flow,):
         async with relayed(flow, chains=chains(toxic)):
@@ -241,9 +243,13 @@ async def test_timeout_zero_drops_its_stream_and_never_closes(stream: str) -> No
                 await trio.sleep(0.6)
                 assert nothing_waiting(sink)
                 assert await round_trip(*other_ends(flow, stream), b"still open") < 0.4
-                # The source's FIN still passes, as in Toxiproxy.
+                # The source's EOF closes the whole flow, as in Toxiproxy: what was dropped
+                # left a hole in the stream.
                 source.shutdown(socket.SHUT_WR)
                 assert await read_to_eof(sink) == b""
+                assert await read_to_eof(source) == b""
+                await flow.done.wait()
+    assert flow.ending.reason == "interceptor_closed"
 
 
 # -- reset_peer ---------------------------------------------------------------------------------
@@ -336,6 +342,101 @@ async def test_limit_data_passes_an_eof_before_the_limit(stream: str) -> None:
                 await write_all(source, pattern(999))
                 source.shutdown(socket.SHUT_WR)
                 assert await read_to_eof(sink) == pattern(999)
+
+
+# -- toxics set on flows in flight (live) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+async def test_latency_set_on_an_open_flow_adds_its_time_until_it_is_removed(stream: str) -> None:
+    toxic = make_toxic("latency", name="lag", stream=stream, attributes={"latency": 400})
+    live: dict[str | None, tuple[Interceptor, ...]] = {}
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow, live_chains=live):
+            with trio.fail_after(30):
+                source, sink = toxic_ends(flow, stream)
+                assert await round_trip(source, sink, b"before") < 0.4
+                live[None] = (toxic,)
+                flow.changed()
+                assert 0.4 <= await round_trip(source, sink, b"during") < 4
+                assert await round_trip(*other_ends(flow, stream), b"other way") < 0.4
+                live.clear()
+                flow.changed()
+                assert await round_trip(source, sink, b"after") < 0.4
+                source.shutdown(socket.SHUT_WR)
+                assert await read_to_eof(sink) == b""
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+async def test_reset_peer_set_on_an_idle_flow_resets_it_after_its_timeout(stream: str) -> None:
+    toxic = make_toxic("reset_peer", name="rst", stream=stream, attributes={"timeout": 300})
+    live: dict[str | None, tuple[Interceptor, ...]] = {}
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow, live_chains=live):
+            with trio.fail_after(30):
+                assert await round_trip(flow.client, flow.server, b"in use") < 0.3
+                added = trio.current_time()
+                live[None] = (toxic,)
+                flow.changed()
+                assert await read_until_reset(flow.client) == b""
+                assert 0.3 <= trio.current_time() - added < 4
+                await flow.done.wait()
+    assert flow.ending.reason == "interceptor_reset"
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+async def test_reset_peer_removed_before_its_timeout_resets_nothing(stream: str) -> None:
+    toxic = make_toxic("reset_peer", name="rst", stream=stream, attributes={"timeout": 600})
+    live: dict[str | None, tuple[Interceptor, ...]] = {None: (toxic,)}
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow, live_chains=live):
+            with trio.fail_after(30):
+                await trio.sleep(0.2)
+                live.clear()
+                flow.changed()
+                await trio.sleep(0.8)  # past the timeout it would have had
+                source, sink = toxic_ends(flow, stream)
+                assert await round_trip(source, sink, pattern(100_000)) < 4
+                for sending, receiving in (toxic_ends(flow, stream), other_ends(flow, stream)):
+                    sending.shutdown(socket.SHUT_WR)
+                    assert await read_to_eof(receiving) == b""
+                await flow.done.wait()
+    assert flow.ending.reason == "closed"
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+async def test_timeout_removed_from_a_flow_closes_it_as_toxiproxy_does(stream: str) -> None:
+    toxic = make_toxic("timeout", name="hang", stream=stream, attributes={"timeout": 0})
+    live: dict[str | None, tuple[Interceptor, ...]] = {None: (toxic,)}
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow, live_chains=live):
+            with trio.fail_after(30):
+                source, sink = toxic_ends(flow, stream)
+                await write_all(source, b"dropped")
+                await trio.sleep(0.2)
+                live.clear()
+                flow.changed()
+                assert await read_to_eof(sink) == b""
+                assert await read_to_eof(source) == b""
+                await flow.done.wait()
+    assert flow.ending.reason == "interceptor_closed"
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+async def test_limit_data_set_on_an_open_flow_counts_from_then(stream: str) -> None:
+    toxic = make_toxic("limit_data", name="cap", stream=stream, attributes={"bytes": 1000})
+    live: dict[str | None, tuple[Interceptor, ...]] = {}
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow, live_chains=live):
+            with trio.fail_after(30):
+                source, sink = toxic_ends(flow, stream)
+                assert await round_trip(source, sink, pattern(500)) < 4
+                live[None] = (toxic,)
+                flow.changed()
+                await write_all(source, pattern(3000, 1))
+                assert await read_to_eof(sink) == pattern(1000, 1)
+                await flow.done.wait()
+    assert flow.ending.reason == "interceptor_closed"
 
 
 # -- toxicity, over sockets ---------------------------------------------------------------------
@@ -484,7 +585,9 @@ async def test_a_close_from_a_toxic_behind_latency_comes_out_as_itself_after_the
 
     with pytest.raises(CloseFlow):
         await run_chain(FLOW, S2C, chain_for([lag, cap], S2C), source(), deliver)
-    assert delivered == [(b"abc", pytest.approx(0.1))]
+    ((chunk, at),) = delivered
+    assert chunk == b"abc"
+    assert at == pytest.approx(0.1)
 
 
 # -- make_toxic: bad input ----------------------------------------------------------------------

@@ -6,8 +6,12 @@ both directions of every flow; ``make_toxic`` narrows it to one stream and a sha
 
 Where Toxiproxy closes the connection (``timeout``, ``limit_data``), the interceptor raises
 ``CloseFlow``; where it resets it (``reset_peer``), ``ResetFlow``. A source's EOF is passed on
-as it comes (after the bytes before it), except where a toxic delays it (``slow_close``, and
-``latency`` which delays everything).
+after the bytes before it (a FIN, the other direction going on), except where a toxic delays
+it (``slow_close``, and ``latency`` which delays everything) or closes the flow (``timeout``).
+
+A toxic set on a live flow is removed by ending its chunks, which it cannot tell from its
+source's EOF: each does on removal what it does at an EOF. For all but ``slow_close`` (which
+then holds the stream back ``delay`` once) that is what Toxiproxy does on removal too.
 """
 
 from __future__ import annotations
@@ -97,23 +101,20 @@ def slow_close(delay: int = 0) -> Interceptor:
 @toxic_type("timeout")
 def timeout(timeout: int = 0) -> Interceptor:
     """Let nothing through, and close the flow ``timeout`` ms after the toxic reaches it,
-    whether or not anything came; with 0, never close: drop the data until the toxic is gone.
+    whether or not anything came; with 0, only when the toxic goes.
 
-    The data is read and dropped, as Toxiproxy drops it, so the sender is not held up. A
-    source's EOF before the timeout is passed on.
+    The data is read and dropped, as Toxiproxy drops it, so the sender is not held up. When
+    the toxic's input ends (it is removed from a live flow, or its source sends EOF) the flow
+    is closed too, as Toxiproxy closes it: what was dropped has left a hole in the stream.
     """
     wait_ms = whole("timeout", timeout, "ms")
+    wait_s = seconds_from_ms(wait_ms) if wait_ms else float("inf")
 
     async def drop_then_close(
         flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
     ) -> AsyncIterator[bytes]:
-        # An empty chunk passes nothing (and makes this an async generator). It comes before
-        # the timer, so that no yield sits inside its cancel scope.
-        yield b""
-        with trio.move_on_after(seconds_from_ms(wait_ms) if wait_ms else float("inf")):
-            async for _dropped in chunks:
-                pass
-            return
+        yield b""  # passes nothing (and makes this an async generator)
+        await _drop_for(chunks, wait_s)
         raise CloseFlow
 
     return drop_then_close
@@ -122,12 +123,13 @@ def timeout(timeout: int = 0) -> Interceptor:
 @toxic_type("reset_peer")
 def reset_peer(timeout: int = 0) -> Interceptor:
     """Reset the flow (a RST to both sides) ``timeout`` ms after the toxic reaches it, whether
-    or not anything came; 0 resets it at once. Nothing passes in the meantime.
+    or not anything came; 0 resets it at once. Nothing passes in the meantime: it is read and
+    dropped.
 
-    Toxiproxy starts this timer at the first chunk it reads (which it drops) and reads nothing
-    more; here it starts when the toxic reaches the flow, so that an idle connection (one in a
-    pool, say) is reset too. Nothing is read in the meantime, as Toxiproxy reads nothing after
-    its first chunk.
+    A toxic removed before its time (its input ends) lets the flow go on without a reset; so
+    does a source's EOF, which is then passed on. Toxiproxy starts this timer at the first
+    chunk after the toxic was added (and drops that chunk); here it starts when the toxic
+    reaches the flow, so that an idle connection (one in a pool, say) is reset too.
     """
     wait_s = seconds_from_ms(whole("timeout", timeout, "ms"))
 
@@ -135,10 +137,21 @@ def reset_peer(timeout: int = 0) -> Interceptor:
         flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
     ) -> AsyncIterator[bytes]:
         yield b""  # passes nothing (and makes this an async generator)
-        await trio.sleep(wait_s)
-        raise ResetFlow
+        if await _drop_for(chunks, wait_s):
+            raise ResetFlow
 
     return reset_later
+
+
+async def _drop_for(chunks: AsyncIterator[bytes], seconds: float) -> bool:
+    """Read and drop ``chunks`` for ``seconds``: true if the time ran out, false if they
+    ended first. (No ``yield`` inside the timer's cancel scope, so a plain generator may
+    call this.)"""
+    with trio.move_on_after(seconds):
+        async for _dropped in chunks:
+            pass
+        return False
+    return True
 
 
 @toxic_type("slicer")
