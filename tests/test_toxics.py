@@ -170,6 +170,19 @@ async def test_bandwidth_keeps_its_stream_to_the_rate(stream: str) -> None:
                 assert await round_trip(*other_ends(flow, stream), data) < 0.8
 
 
+async def test_bandwidth_counts_a_kb_as_1000_bytes_and_rate_zero_as_no_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    started = trio.current_time()
+    narrow = make_toxic("bandwidth", name="narrow", attributes={"rate": 10})
+    assert b"".join(await drive(narrow, S2C, [b"x" * 25_000] * 2)) == b"x" * 50_000
+    assert trio.current_time() - started == pytest.approx(5.0, rel=0.005)  # virtual time
+    started = trio.current_time()
+    unlimited = make_toxic("bandwidth", name="wide", attributes={"rate": 0})
+    assert await drive(unlimited, S2C, [b"x" * 25_000] * 2) == [b"x" * 25_000] * 2
+    assert trio.current_time() == started
+
+
 # -- slow_close ---------------------------------------------------------------------------------
 
 
