@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
@@ -277,7 +277,7 @@ async def test_live_interceptors_join_a_routes_own_on_a_flow_waiting_for_bytes()
     # The route's own interceptor reads the source directly while nothing is live; a change
     # must interrupt that wait, so the next chunk goes the new way.
     live: dict[str | None, tuple[Interceptor, ...]] = {}
-    own = {Direction.CLIENT_TO_SERVER: [exclaim]}
+    own: dict[Direction, Sequence[Interceptor]] = {Direction.CLIENT_TO_SERVER: [exclaim]}
     with loopback_flows(1) as (flow,), trio.fail_after(10):
         async with relayed(flow, chains=own, live_chains=live):
             await write_all(flow.client, b"a")
