@@ -5,10 +5,13 @@ hands it to the reactor, which runs it on each edge, so a datagram costs a ``rec
 ``send`` and no trip through Trio's scheduler. A direction with interceptors feeds them one
 datagram per chunk and sends each item they yield as one datagram.
 
-Every datagram read is checked against the session's peer: a socket can be handed another
-client's datagram by TPROXY between its ``bind`` and its ``connect`` (and one already routed
-to it then can still be queued just after), so a stray is handed back to the listener's path
-(``on_stray``), never relayed in this session.
+A datagram's source is checked against the session's peer while a stray could still be
+queued: between a socket's ``bind`` and its ``connect`` the kernel's socket lookup matches it
+for any datagram to its address, and a socket-matching firewall rule then hands it another
+client's (one looked up just before ``connect`` can be queued just after). A stray goes back
+to the listener's path (``on_stray``), never into this session. A pump checks until it finds
+its socket empty ``STRAY_WINDOW_S`` after connecting, then reads with ``recv_into``, which
+builds no address per datagram; the intercepted path always checks.
 
 UDP has no end of stream: a direction ends only when its source or sink reports its peer gone
 (an ICMP error, ``ECONNREFUSED`` on the connected socket), or when its interceptor chain ends
