@@ -9,7 +9,7 @@ import trio
 from udp_tools import UDP_PORT, UdpSocket, echo_server, exchange, udp_proxy, udp_socket
 
 from uproxy_netns import Lab
-from uproxy_trio import Direction, Flow, FlowClosed, directions
+from uproxy_trio import Direction, Flow, FlowClosed, Route, Routes, UdpDrop, directions
 from uproxy_trio.interceptors import delay, hexdump, label, regex_replace, replace, throttle
 
 pytestmark = [pytest.mark.lab]
@@ -124,3 +124,34 @@ async def test_a_failing_interceptor_ends_its_session_only(inside_proxy: Lab) ->
             assert closed.reason == "interceptor_failed"
             assert closed.flow.client == doomed.getsockname()
             assert (await exchange(other, b"still", SERVER))[0] == b"still"
+
+
+async def test_routes_take_udp_sessions_and_the_controls_reach_them(inside_proxy: Lab) -> None:
+    """A route for ``transport = "udp"`` gives UDP sessions their interceptors (and TCP
+    flows none); ``flows()`` lists the sessions, ``reset_flow`` ends one, ``set_enabled``
+    ends a route's sessions and drops its new ones until enabled again."""
+    lab = inside_proxy
+    routes = Routes([Route("dns", transport="udp", port=UDP_PORT, interceptors=[label("R")])])
+    async with udp_proxy({"routes": routes}) as (proxy, events), echo_server(lab, SERVER[0]):
+        with udp_socket(lab.client, "192.0.2.2") as client:
+            assert (await exchange(client, b"q", SERVER))[0] == b"qR\nR\n"  # out and back
+            (info,) = proxy.flows()
+            assert (info.flow.transport, info.route, info.interceptors) == (
+                "udp",
+                "dns",
+                ("add_label",),
+            )
+            assert info.bytes_client_to_server == len(b"qR\n")
+            assert proxy.reset_flow(info.flow.id)
+            (closed,) = await events.wait_for(FlowClosed)
+            assert closed.reason == "reset_requested"
+            assert closed.route == "dns"
+            assert (await exchange(client, b"again", SERVER))[0] == b"againR\nR\n"
+            proxy.set_enabled("dns", False)
+            closed = (await events.wait_for(FlowClosed, 2))[1]
+            assert closed.reason == "route_disabled"
+            with pytest.raises(trio.TooSlowError):
+                await exchange(client, b"off", SERVER, timeout=0.3)
+            assert proxy.udp.dropped[UdpDrop.ROUTE_DISABLED] == 1
+            proxy.set_enabled("dns", True)
+            assert (await exchange(client, b"on", SERVER))[0] == b"onR\nR\n"

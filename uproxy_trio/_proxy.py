@@ -284,6 +284,7 @@ class Proxy:
             plan=self._plan,
             flow_ids=self._flow_ids,
             emit=self._emit,
+            disabled=self._disabled,
             idle_timeout=udp_idle_timeout,
             max_sessions=max_udp_sessions,
         )
@@ -341,17 +342,19 @@ class Proxy:
         for live in list(self._live.values()):
             if live.plan.route == route:
                 live.stop(Stop.ROUTE_DISABLED)
+        self.udp.stop_route(route)
 
     def flows(self) -> list[FlowInfo]:
         """The flows in flight now, oldest first."""
         now, chains = trio.current_time(), self._live_chains
-        return [live.info(now, chains.get(live.plan.route, ())) for live in self._live.values()]
+        tcp = [live.info(now, chains.get(live.plan.route, ())) for live in self._live.values()]
+        return sorted([*tcp, *self.udp.infos(now)], key=lambda info: -info.age_s)
 
     def reset_flow(self, flow_id: int) -> bool:
         """Reset one flow in flight, both sides; false if there is no such flow."""
         live = self._live.get(flow_id)
         if live is None:
-            return False
+            return self.udp.stop(flow_id, Stop.RESET_REQUESTED.value)
         live.stop(Stop.RESET_REQUESTED)
         return True
 

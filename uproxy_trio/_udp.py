@@ -26,6 +26,7 @@ import math
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Protocol
 
 import trio
@@ -38,7 +39,7 @@ from ._datagram import (
     receive_delivered,
 )
 from ._events import EventSink, FlowClosed, FlowOpened, InterceptorFailed
-from ._flow import Direction, Flow
+from ._flow import Direction, Flow, FlowInfo
 from ._interceptor import Interceptor
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._transparent import is_own_listener
@@ -147,6 +148,7 @@ class UdpSessions:
         plan: Callable[[Flow], SessionPlan],
         flow_ids: Iterator[int],
         emit: EventSink,
+        disabled: AbstractSet[str] = frozenset(),
         idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT_S,
         max_sessions: int = DEFAULT_MAX_UDP_SESSIONS,
     ) -> None:
@@ -157,6 +159,7 @@ class UdpSessions:
         self._plan = plan
         self._flow_ids = flow_ids
         self._emit = emit
+        self._disabled = disabled  # the proxy's disabled routes, as it changes them
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self._table: dict[tuple[Address, Address], _Session] = {}
@@ -185,6 +188,40 @@ class UdpSessions:
             for way in session.ways:
                 totals[way.direction] += way.datagrams
         return totals
+
+    def infos(self, now: float) -> list[FlowInfo]:
+        """The sessions in flight, as ``Proxy.flows`` lists flows."""
+        return [
+            FlowInfo(
+                session.flow,
+                session.route,
+                tuple(
+                    {
+                        getattr(interceptor, "__name__", type(interceptor).__name__): None
+                        for chain in session.chains.values()
+                        for interceptor in chain
+                    }
+                ),
+                session.ways[0].written,
+                session.ways[1].written,
+                now - session.started,
+            )
+            for session in self._table.values()
+        ]
+
+    def stop(self, flow_id: int, reason: str) -> bool:
+        """End the session with this flow id now; false if there is none."""
+        for session in self._table.values():
+            if session.flow.id == flow_id:
+                session.stop(reason)
+                return True
+        return False
+
+    def stop_route(self, route: str) -> None:
+        """End every session on ``route`` (it has just been disabled)."""
+        for session in list(self._table.values()):
+            if session.route == route:
+                session.stop("route_disabled")
 
     # -- the tasks ----------------------------------------------------------------------------
 
@@ -242,6 +279,11 @@ class UdpSessions:
         if is_own_listener(server, self.listening):
             self._drop(Drop.SELF_LOOP)
             return None
+        flow = Flow(next(self._flow_ids), client=client, server=server, transport="udp")
+        plan = self._plan(flow)
+        if plan.route is not None and plan.route in self._disabled:
+            self._drop(Drop.ROUTE_DISABLED)
+            return None
         try:
             server_sock = open_session_socket(client, server)
         except OSError as exc:
@@ -253,12 +295,11 @@ class UdpSessions:
             server_sock.close()
             self._drop(Drop.NO_SOCKET, exc)
             return None
-        flow = Flow(next(self._flow_ids), client=client, server=server, transport="udp")
         readiness = Readiness(_FRESH)
         ways = both_ways(
             flow, client_sock, server_sock, readiness, self._buffer, self.dropped, self._stray
         )
-        session = _Session(flow, self._plan(flow), client_sock, server_sock, ways)
+        session = _Session(flow, plan, client_sock, server_sock, ways)
         self._table[(client, server)] = session
         self.sessions_total += 1
         assert self._nursery is not None, "UdpSessions.run is not running"

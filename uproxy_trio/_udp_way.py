@@ -69,6 +69,8 @@ class Drop(enum.Enum):
     """A server's datagram that reached a session socket but belongs to no session."""
     NOT_TPROXIED = "not_tproxied"
     """Sent to a listener's own address, without an original destination."""
+    ROUTE_DISABLED = "route_disabled"
+    """A new session's datagram on a route ``Proxy.set_enabled`` has disabled."""
 
 
 class DatagramEnd(enum.Enum):
