@@ -43,8 +43,10 @@ _CMSG_SPACE = socket.CMSG_SPACE(28)
 # burst while sessions are being set up (SO_RCVBUFFORCE: we hold CAP_NET_ADMIN anyway).
 LISTENER_RCVBUF = 4 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-# A session socket's receive buffer (the kernel doubles it for its bookkeeping).
-SESSION_RCVBUF = 1 << 20
+# A session socket's receive buffer (the kernel doubles it for its bookkeeping, and charges
+# only what is queued). The default holds about 90 datagrams of 1400 bytes: bulk at under 1%
+# loss went from 0.12 of kernel forwarding to 0.39-0.52 with 1 MiB, 0.40-0.61 with 4 MiB.
+SESSION_RCVBUF = 4 << 20
 
 _SOCKADDR_IN = struct.Struct("=H")  # sa_family, in host order; the rest is read by offset
 
