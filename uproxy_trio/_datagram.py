@@ -110,7 +110,9 @@ def parse_sockaddr(raw: bytes) -> Address:
     if family == socket.AF_INET:
         return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
     if family == socket.AF_INET6:
-        return from_sockaddr((socket.inet_ntop(socket.AF_INET6, raw[8:24]), port))
+        # As a 4-tuple, as the kernel's own IPv6 addresses come: an IPv4-mapped one is
+        # then made plain IPv4.
+        return from_sockaddr((socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, 0, 0))
     raise ValueError(f"address family {family} is neither IPv4 nor IPv6")
 
 
