@@ -129,7 +129,8 @@ async def test_a_failing_interceptor_ends_its_session_only(inside_proxy: Lab) ->
 async def test_routes_take_udp_sessions_and_the_controls_reach_them(inside_proxy: Lab) -> None:
     """A route for ``transport = "udp"`` gives UDP sessions their interceptors (and TCP
     flows none); ``flows()`` lists the sessions, ``reset_flow`` ends one, ``set_enabled``
-    ends a route's sessions and drops its new ones until enabled again."""
+    ends a route's sessions and drops its new ones until enabled again, and live interceptors
+    reach the sessions that start after them."""
     lab = inside_proxy
     routes = Routes([Route("dns", transport="udp", port=UDP_PORT, interceptors=[label("R")])])
     async with udp_proxy({"routes": routes}) as (proxy, events), echo_server(lab, SERVER[0]):
@@ -155,3 +156,8 @@ async def test_routes_take_udp_sessions_and_the_controls_reach_them(inside_proxy
             assert proxy.udp.dropped[UdpDrop.ROUTE_DISABLED] == 1
             proxy.set_enabled("dns", True)
             assert (await exchange(client, b"on", SERVER))[0] == b"onR\nR\n"
+            # Live interceptors reach the sessions that start after they are set.
+            proxy.set_live_interceptors("dns", [label("L")])
+            assert (await exchange(client, b"old", SERVER))[0] == b"oldR\nR\n"
+            with udp_socket(lab.client, "192.0.2.2") as newcomer:
+                assert (await exchange(newcomer, b"new", SERVER))[0] == b"newR\nL\nR\nL\n"

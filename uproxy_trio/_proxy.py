@@ -285,6 +285,7 @@ class Proxy:
             flow_ids=self._flow_ids,
             emit=self._emit,
             disabled=self._disabled,
+            live_interceptors=self.live_interceptors,
             idle_timeout=udp_idle_timeout,
             max_sessions=max_udp_sessions,
         )

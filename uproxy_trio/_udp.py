@@ -40,7 +40,7 @@ from ._datagram import (
 )
 from ._events import EventSink, FlowClosed, FlowOpened, InterceptorFailed
 from ._flow import Direction, Flow, FlowInfo
-from ._interceptor import Interceptor
+from ._interceptor import Interceptor, chain_for, wants
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._transparent import is_own_listener
 from ._udp_way import DatagramEnd, DatagramWay, Drop, both_ways
@@ -149,6 +149,7 @@ class UdpSessions:
         flow_ids: Iterator[int],
         emit: EventSink,
         disabled: AbstractSet[str] = frozenset(),
+        live_interceptors: Callable[[str | None], Sequence[Interceptor]] = lambda route: (),
         idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT_S,
         max_sessions: int = DEFAULT_MAX_UDP_SESSIONS,
     ) -> None:
@@ -160,6 +161,7 @@ class UdpSessions:
         self._flow_ids = flow_ids
         self._emit = emit
         self._disabled = disabled  # the proxy's disabled routes, as it changes them
+        self._live_interceptors = live_interceptors
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self._table: dict[tuple[Address, Address], _Session] = {}
@@ -300,6 +302,14 @@ class UdpSessions:
             flow, client_sock, server_sock, readiness, self._buffer, self.dropped, self._stray
         )
         session = _Session(flow, plan, client_sock, server_sock, ways)
+        # Interceptors set on the route while the proxy runs: taken when a session starts
+        # (after the route's own), not by the sessions in flight.
+        live = [i for i in self._live_interceptors(plan.route) if wants(i, flow)]
+        if live:
+            session.chains = {
+                direction: (*session.chains[direction], *chain_for(live, direction))
+                for direction in Direction
+            }
         self._table[(client, server)] = session
         self.sessions_total += 1
         assert self._nursery is not None, "UdpSessions.run is not running"
