@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVarTuple
+from typing import TypeVarTuple, cast
 
 import trio
 
@@ -28,10 +28,15 @@ from uproxy_trio import (
 )
 
 from ._config import ConfigError, ConfigFile, read_config
+from ._control import ApiError, Control, ControlledProxy
+from ._control_app import control_app
+from ._core_pending import Forward
 from ._errors import CommandError
+from ._http import HttpAddress, serve_http
 from ._logging import setup_logging
-from ._metrics import MULTIPROC_ENV, Metrics, in_multiprocess_mode, serve_metrics
+from ._metrics import MULTIPROC_ENV, Metrics, in_multiprocess_mode, metrics_route, serve_metrics
 from ._privileges import Identity, drop_to
+from ._toxics import toxic_kit
 from ._workers import Supervisor, report_ready, worker_label
 
 LOGGER = logging.getLogger("uproxy")
@@ -88,6 +93,10 @@ class ServeOptions:
     metrics: Address | None
     config: ConfigFile | None
     """The config file as it was read at the start, its routes loaded."""
+    control: HttpAddress | None = None
+    forwards: tuple[Forward, ...] = ()
+    """``--forward``'s and the config file's, checked for unique names."""
+    seed: int | None = None
 
 
 def run_serve(options: ServeOptions) -> int:
@@ -100,7 +109,8 @@ def run_serve(options: ServeOptions) -> int:
     if options.workers > 1 and worker is None:
         return _run_workers(options)
     raise_fd_limit()
-    metrics = Metrics() if options.metrics is not None or in_multiprocess_mode() else None
+    wants_metrics = options.metrics is not None or options.control is not None
+    metrics = Metrics() if wants_metrics or in_multiprocess_mode() else None
     proxy = Proxy(
         routes=options.config.routes if options.config is not None else None,
         interceptors=options.interceptors,
@@ -128,16 +138,53 @@ def run_serve(options: ServeOptions) -> int:
     # kept out of the collector's full passes, which otherwise walk it over and over while
     # flows come and go (about 3% of the CPU per short flow, measured with gc off).
     gc.freeze()
-    reload = None if options.config is None else partial(reload_routes, proxy, options.config)
+    reload_file = None if options.config is None else partial(reload_routes, proxy, options.config)
+    reload = None if reload_file is None else _ignore_result(reload_file)
+    control = None
+    if options.control is not None:
+        make_toxic, toxic_types = toxic_kit()
+        control = Control(
+            cast(ControlledProxy, proxy),
+            make_toxic,
+            toxic_types,
+            seed=options.seed,
+            reload=reload_file,
+        )
+        if reload is not None:
+            reload = partial(_reload_quietly, control)  # toxics stay on the routes that stay
     return run_unwrapped(
-        run_proxy, proxy, options.addresses, options.grace, after_bind, metrics, serve_at, reload
+        run_proxy,
+        proxy,
+        options.addresses,
+        options.grace,
+        after_bind,
+        metrics,
+        serve_at,
+        reload,
+        options.forwards,
+        None if control is None or options.control is None else (options.control, control),
     )
 
 
-def reload_routes(proxy: Proxy, started_with: ConfigFile) -> None:
+def _ignore_result(reload: Callable[[], str | None]) -> Callable[[], None]:
+    def call() -> None:
+        reload()
+
+    return call
+
+
+def _reload_quietly(control: Control) -> None:
+    try:
+        control.reload()
+    except ApiError:
+        pass  # refused, and logged as such by reload_routes
+
+
+def reload_routes(proxy: Proxy, started_with: ConfigFile) -> str | None:
     """SIGHUP: read the config file again and take new flows by its routes. A file that does
     not read, or whose interceptors do not load, is refused in one line, and the routes in
-    use stay. Only ``[[routes]]`` are reloaded: the other keys take effect at the next start.
+    use stay, and the line is returned (for ``POST /reload``); ``None`` when it was taken.
+    Only ``[[routes]]`` are reloaded: the other keys take effect at the next start.
 
     The file is read and its SPECs loaded on the event loop, which pauses the flows for as
     long as that takes; a reload is rare, and it never leaves a half-made table.
@@ -148,7 +195,7 @@ def reload_routes(proxy: Proxy, started_with: ConfigFile) -> None:
     except ConfigError as exc:
         in_use = len(proxy.routes or ())
         LOGGER.error("reload refused, the %d routes in use stay: %s", in_use, exc)
-        return
+        return f"reload refused, the {in_use} routes in use stay: {exc}"
     proxy.set_routes(config.routes)
     LOGGER.info("reloaded %d routes from %s", len(config.routes), path)
     changed = sorted(
@@ -162,6 +209,7 @@ def reload_routes(proxy: Proxy, started_with: ConfigFile) -> None:
             path,
             ", ".join(changed),
         )
+    return None
 
 
 def _both(first: EventSink, second: EventSink) -> EventSink:
@@ -224,6 +272,8 @@ async def run_proxy(
     metrics: Metrics | None,
     metrics_address: Address | None,
     reload: Callable[[], None] | None = None,
+    forwards: Sequence[Forward] = (),
+    control: tuple[HttpAddress, Control] | None = None,
 ) -> int:
     """Serve until SIGINT or SIGTERM, then drain: no new flows, ``grace`` seconds for those in
     flight, then reset the rest. A second signal resets them at once. With ``reload``,
@@ -247,6 +297,13 @@ async def run_proxy(
                 nursery.cancel_scope.cancel()  # drained: the helpers above are done too
 
             bound = await nursery.start(serve)
+            for forward in forwards:
+                await cast(ControlledProxy, proxy).add_forward(forward)
+            if control is not None:
+                where, calls = control
+                extra = [metrics_route(metrics.render)] if metrics is not None else []
+                app = control_app(calls, extra)
+                await nursery.start(serve_http, where, app, "the control API")
             after_bind()
             LOGGER.info("ready on %s", ", ".join(format_address(a) for a in bound))
 

@@ -37,7 +37,8 @@ async def scrape(lab: Lab, path: str = "/metrics") -> str:
     sock = trio.socket.from_stdlib_socket(lab.proxy.socket(socket.AF_INET))
     with sock:
         await sock.connect(("127.0.0.1", METRICS_PORT))
-        await send_all(sock, f"GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n".encode())
+        request = f"GET {path} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"
+        await send_all(sock, request.encode())
         return (await recv_until_eof(sock)).decode()
 
 
