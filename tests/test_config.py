@@ -83,7 +83,10 @@ def test_a_file_without_routes_has_an_empty_table(tmp_path: Path) -> None:
 BAD_FILES = [
     ('listen = "127.0.0.1:9091"', "listen: '127.0.0.1:9091' is not a list of strings"),
     ('listen = ["nonsense"]', "listen: 'nonsense' is not HOST:PORT"),
-    ("frobnicate = 1", "frobnicate: unknown key (the keys are connect_timeout, grace, "),
+    (
+        "frobnicate = 1",
+        "frobnicate: unknown key (the keys are connect_timeout, control, forward, forwards, grace",
+    ),
     ('log_level = "loud"', "log_level: 'loud' is not one of debug, info, warning, error"),
     ("idle_timeout = 0", "idle_timeout: 0 is not a number of seconds of at least 0.001"),
     ('connect_timeout = "soon"', "connect_timeout: 'soon' is not a number of seconds"),
@@ -91,6 +94,23 @@ BAD_FILES = [
     ("workers = 0", "workers: 0 is not a whole number of at least 1"),
     ('source_port = "random"', "source_port: 'random' is not one of keep, ephemeral"),
     ('metrics = "nowhere"', "metrics: 'nowhere' is not HOST:PORT"),
+    ('control = "nowhere"', "control: 'nowhere' is not HOST:PORT"),
+    ('control = "unix:"', "control: 'unix:': unix: needs a path"),
+    ('control = "127.0.0.1:8474"\nworkers = 2', "control: --control works with one worker only"),
+    ('forward = ["127.0.0.1:1"]', "forward: '127.0.0.1:1': expected LISTEN=UPSTREAM"),
+    ('forward = ["127.0.0.1:1=127.0.0.1:2"]\nworkers = 2', "forward: --forward works with one"),
+    ('seed = "x"', "seed: 'x' is not a whole number"),
+    ("forwards = 1", "forwards: not an array of tables (write [[forwards]])"),
+    ('[[forwards]]\nlisten = "127.0.0.1:1"', "[[forwards]] #1: upstream: missing"),
+    (
+        '[[forwards]]\nlisten = "127.0.0.1:1"\nupstream = "db:5432"',
+        "[[forwards]] #1: 'db:5432': 'db' is not an IP address",
+    ),
+    (
+        '[[forwards]]\nname = "db"\nlisten = "127.0.0.1:1"\nupstream = "127.0.0.1:2"\n'
+        '[[routes]]\nname = "db"',
+        "[[forwards]] #1 'db': name: a route or forward is named 'db'",
+    ),
     ('interceptor = ["missing.py:f"]', "interceptor: 'missing.py:f': no such file 'missing.py'"),
     ('group = "root"', "group: --group needs --user"),
     ("listen = [1", "not TOML: "),
