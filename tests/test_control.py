@@ -1,0 +1,267 @@
+"""The control API of a real ``uproxy serve --control``, in the lab's proxy namespace: driven
+by Toxiproxy's own Python client, by ``uproxy flows`` and ``uproxy toxic``, and out of reach
+of the client and server hosts.
+
+Timings are loose ratios against a baseline measured on the same connection, never tight
+bounds: the host is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import statistics
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from cli_tools import run_uproxy
+from lab_tools import (
+    CliProxy,
+    connect,
+    connect_expecting_reset,
+    echo_server,
+    listen,
+    recv_exactly,
+    send_all,
+)
+from toxiproxy import Toxiproxy  # type: ignore[import-untyped]
+
+from uproxy_netns import (
+    PROXY_CLIENT_SIDE_V4,
+    PROXY_CLIENT_SIDE_V6,
+    PROXY_SERVER_SIDE_V4,
+    PROXY_SERVER_SIDE_V6,
+    Lab,
+)
+
+pytestmark = pytest.mark.lab
+
+CONTROL_PORT = 8474
+CONTROL = f"127.0.0.1:{CONTROL_PORT}"
+# In the proxy namespace: an echo server, and the forward listener in front of it.
+ECHO = ("127.0.0.1", 7000)
+FORWARD = "127.0.0.1:7001"
+LATENCY_MS = 200
+ROUND_TRIPS = 9
+
+
+def wait_for_control(lab: Lab, where: str = CONTROL, timeout: float = 10) -> None:
+    """The control API comes up just after the listeners that ``CliProxy.start`` waits for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = run_uproxy("toxic", "list", "--json", "--control", where, namespace=lab.proxy)
+        if done.returncode == 0:
+            return
+        assert time.monotonic() < deadline, done.stderr
+        time.sleep(0.05)
+
+
+@asynccontextmanager
+async def echo_upstream(lab: Lab) -> AsyncIterator[None]:
+    """An echo server on ``ECHO`` in the proxy namespace, for the forwards to relay to."""
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.proxy, *ECHO)
+        await nursery.start(echo_server, listener)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+async def round_trip_s(sock: trio.socket.SocketType) -> float:
+    """The median time of a few one-byte round trips on ``sock``."""
+    times = []
+    for _ in range(ROUND_TRIPS):
+        started = trio.current_time()
+        await send_all(sock, b"x")
+        assert await recv_exactly(sock, 1) == b"x"
+        times.append(trio.current_time() - started)
+    return statistics.median(times)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+async def test_toxiproxys_python_client_adds_latency_to_an_open_connection_and_removes_it(
+    inside_proxy: Lab, cli_proxy: CliProxy
+) -> None:
+    lab = inside_proxy
+    cli_proxy.start("--control", CONTROL, "--seed", "1")
+    wait_for_control(lab)
+    server = Toxiproxy()
+    server.update_api_consumer("127.0.0.1", CONTROL_PORT)
+    assert server.running()
+    async with echo_upstream(lab):
+        proxy = server.create(upstream=f"{ECHO[0]}:{ECHO[1]}", name="echo")
+        assert proxy.listen.startswith("127.0.0.1:")  # the port the kernel picked
+        assert set(server.proxies()) == {"echo"}
+        with trio.fail_after(30):
+            sock = await connect(lab.proxy, *host_port(proxy.listen))
+            with sock:
+                before = await round_trip_s(sock)
+                # On the connection already open: it moves onto the interceptor path.
+                proxy.add_toxic(type="latency", attributes={"latency": LATENCY_MS})
+                (toxic,) = proxy.toxics().values()
+                assert (toxic.name, toxic.type, toxic.stream) == (
+                    "latency_downstream",
+                    "latency",
+                    "downstream",
+                )
+                slowed = await round_trip_s(sock)
+                proxy.destroy_toxic("latency_downstream")
+                after = await round_trip_s(sock)
+        assert slowed > before + 0.75 * LATENCY_MS / 1000, (before, slowed)
+        assert after < before + 0.25 * LATENCY_MS / 1000, (before, slowed, after)
+        assert proxy.toxics() == {}
+
+        # disable() is Toxiproxy's "down": the forward's new connections are reset.
+        with proxy.down():
+            await connect_expecting_reset(lab.proxy, *host_port(proxy.listen))
+        assert proxy.destroy()
+        assert server.proxies() == {}
+
+
+def test_bad_input_from_the_client_gets_toxiproxys_exceptions(
+    inside_proxy: Lab, cli_proxy: CliProxy
+) -> None:
+    from toxiproxy.exceptions import InvalidToxic, NotFound, ProxyExists  # type: ignore[import-untyped]
+
+    lab = inside_proxy
+    cli_proxy.start("--control", CONTROL, "--forward", f"{FORWARD}=127.0.0.1:7000")
+    wait_for_control(lab)
+    server = Toxiproxy()
+    server.update_api_consumer("127.0.0.1", CONTROL_PORT)
+    proxy = server.get_proxy(FORWARD)
+    assert (proxy.listen, proxy.upstream, proxy.enabled) == (FORWARD, "127.0.0.1:7000", True)
+    with pytest.raises(InvalidToxic):
+        proxy.add_toxic(type="no_such_toxic")
+    with pytest.raises(InvalidToxic):
+        proxy.add_toxic(type="latency", attributes={"latency": "soon"})
+    proxy.add_toxic(type="latency", name="slow", attributes={"latency": 1})
+    with pytest.raises(ProxyExists):  # the client's name for every 409
+        proxy.add_toxic(type="latency", name="slow", attributes={"latency": 1})
+    with pytest.raises(NotFound):
+        proxy.destroy_toxic("nope")
+    with pytest.raises(ProxyExists):
+        server.create(upstream="127.0.0.1:7000", name=FORWARD)
+    assert [toxic.name for toxic in proxy.toxics().values()] == ["slow"]
+    # Nothing above cost the proxy its life or left a traceback in its log.
+    assert cli_proxy.process is not None
+    assert cli_proxy.process.poll() is None
+    assert "Traceback" not in cli_proxy.log
+
+
+async def test_flows_and_toxic_commands_against_a_running_serve(
+    inside_proxy: Lab, cli_proxy: CliProxy, tmp_path: Path
+) -> None:
+    lab = inside_proxy
+    control = f"unix:{tmp_path / 'control.sock'}"
+    cli_proxy.start("--control", control, "--forward", f"{FORWARD}=127.0.0.1:7000")
+    wait_for_control(lab, control)
+    # Only the user who started the proxy may connect.
+    assert stat.S_IMODE(os.stat(tmp_path / "control.sock").st_mode) == 0o600
+
+    def uproxy(*args: str) -> str:
+        done = run_uproxy(*args, "--control", control, namespace=lab.proxy)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    async with echo_upstream(lab):
+        sock = await connect(lab.proxy, *host_port(FORWARD))
+        with sock, trio.fail_after(30):
+            await send_all(sock, b"hello")
+            assert await recv_exactly(sock, 5) == b"hello"
+            (flow,) = json.loads(uproxy("flows", "--json"))
+            assert flow["route"] == FORWARD
+            assert flow["client"] == f"127.0.0.1:{sock.getsockname()[1]}"
+            assert flow["server"] == "127.0.0.1:7000"
+            assert flow["bytes_client_to_server"] == flow["bytes_server_to_client"] == 5
+            assert flow["interceptors"] == []
+            header, row = uproxy("flows").splitlines()
+            assert header.split()[:4] == ["ID", "TRANSPORT", "CLIENT", "SERVER"]
+            assert row.split()[:2] == [str(flow["id"]), "tcp"]
+
+            latency = ("-t", "latency", "-n", "slow", "-a", "latency=5")
+            added = uproxy("toxic", "add", *latency, FORWARD)
+            assert added.strip() == f"Added downstream latency toxic 'slow' on proxy '{FORWARD}'"
+            listed = uproxy("toxic", "list", FORWARD)
+            assert "slow  latency  downstream  toxicity=1.0  latency=5" in listed
+            (flow,) = json.loads(uproxy("flows", "--json"))
+            assert flow["interceptors"] == ["slow"]
+            uproxy("toxic", "update", "-n", "slow", "-a", "latency=60", FORWARD)
+            assert "latency=60" in uproxy("toxic", "list")
+            uproxy("toxic", "remove", "-n", "slow", FORWARD)
+            assert "no toxics" in uproxy("toxic", "list", FORWARD)
+
+            assert uproxy("flows", "kill", str(flow["id"])).strip() == f"flow {flow['id']} reset"
+            with pytest.raises(ConnectionResetError):
+                await sock.recv(1)
+        assert uproxy("flows").strip() == "no flows in flight"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("flows",), "cannot reach the control API at 127.0.0.1:1: connection refused"),
+        (("flows", "kill", "1"), "cannot reach the control API at 127.0.0.1:1: "),
+        (("toxic", "list"), "cannot reach the control API at 127.0.0.1:1: "),
+    ],
+)
+def test_a_control_api_that_is_not_there_is_one_line(
+    lab: Lab, args: tuple[str, ...], message: str
+) -> None:
+    done = run_uproxy(*args, "--control", "127.0.0.1:1", namespace=lab.proxy)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"uproxy: error: {message}")
+
+
+def test_a_toxic_the_server_refuses_is_one_line(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start("--control", CONTROL)
+    wait_for_control(lab)
+    done = run_uproxy(
+        "toxic", "add", "-t", "latency", "nowhere", "--control", CONTROL, namespace=lab.proxy
+    )
+    assert (done.returncode, done.stderr) == (1, "uproxy: error: proxy not found (404)\n")
+    done = run_uproxy("toxic", "add", "-t", "latency", "-a", "latency", "x", namespace=lab.proxy)
+    assert done.returncode == 2
+    assert done.stderr == "uproxy: error: --attribute 'latency': expected KEY=VALUE\n"
+
+
+def test_control_with_workers_is_refused_in_one_line(lab: Lab, cli_proxy: CliProxy) -> None:
+    with pytest.raises(AssertionError, match="exited 2"):
+        cli_proxy.start("--control", CONTROL, "--workers", "2")
+    assert "--control works with one worker only" in cli_proxy.log
+
+
+def test_metrics_are_served_by_the_control_api_too(lab: Lab, cli_proxy: CliProxy) -> None:
+    cli_proxy.start("--control", CONTROL)
+    wait_for_control(lab)
+    with lab.proxy.entered():
+        scraped = httpx.get(f"http://{CONTROL}/metrics", timeout=10)
+    assert scraped.status_code == 200
+    assert "uproxy_flows_active 0.0" in scraped.text
+
+
+@pytest.mark.parametrize(
+    ("namespace", "addresses"),
+    [
+        ("client", (PROXY_CLIENT_SIDE_V4, PROXY_CLIENT_SIDE_V6)),
+        ("server", (PROXY_SERVER_SIDE_V4, PROXY_SERVER_SIDE_V6)),
+    ],
+)
+async def test_the_control_api_is_out_of_reach_of_the_client_and_the_server(
+    lab: Lab, cli_proxy: CliProxy, namespace: str, addresses: tuple[str, ...]
+) -> None:
+    cli_proxy.start("--control", CONTROL)
+    wait_for_control(lab)
+    host = lab.client if namespace == "client" else lab.server
+    for address in addresses:
+        with trio.fail_after(10), pytest.raises(ConnectionRefusedError):
+            await connect(host, address, CONTROL_PORT)
