@@ -4,6 +4,7 @@ The public API is what this module re-exports; everything in ``_modules`` may ch
 """
 
 from ._address import Address, format_address, parse_address
+from ._ending import CloseFlow, ResetFlow
 from ._events import (
     EventSink,
     FlowClosed,
@@ -17,7 +18,7 @@ from ._events import (
     log_event,
 )
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor, directions, in_own_task, interceptor_factory
+from ._interceptor import Interceptor, directions, for_flows, in_own_task, interceptor_factory
 from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
 from ._routes import Route, Routes
 from ._transparent import TransparencyUnavailable, transparency_available
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
     "Address",
+    "CloseFlow",
     "Direction",
     "EventSink",
     "Flow",
@@ -38,12 +40,14 @@ __all__ = [
     "Interceptor",
     "InterceptorFailed",
     "Proxy",
+    "ResetFlow",
     "Route",
     "Routes",
     "TransparencyUnavailable",
     "UpstreamConnected",
     "UpstreamFailed",
     "directions",
+    "for_flows",
     "format_address",
     "in_own_task",
     "interceptor_factory",

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
-from ._ending import EndKind
+from ._ending import CloseFlow, EndKind, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
 from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, Turn, bit
@@ -395,6 +395,10 @@ class Way(DirectionState):
             # even have swallowed: the reset is what ended the direction, not the interceptor.
             if self.end is _SOURCE_RESET:
                 return _SOURCE_RESET, None
+            if isinstance(exc, CloseFlow):
+                return EndKind.INTERCEPTOR_CLOSED, None
+            if isinstance(exc, ResetFlow):
+                return EndKind.INTERCEPTOR_RESET, None
             return EndKind.INTERCEPTOR_FAILED, exc
         return (_SOURCE_RESET, None) if self.end is _SOURCE_RESET else (_EOF, None)
 

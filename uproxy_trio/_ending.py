@@ -5,6 +5,8 @@ how each direction finished and does what it says. The rules:
 
 * A clean EOF on one side is passed on as a FIN (``shutdown(SHUT_WR)``) and the other
   direction keeps flowing: TCP half-close.
+* An interceptor may end the whole flow on purpose, as a network fault would: ``CloseFlow``
+  closes both sides (what it yielded before is delivered first), ``ResetFlow`` resets them.
 * Anything else (a reset on either side, a failed interceptor, a flow the proxy stopped)
   resets both sides, because a FIN would tell the peer that everything arrived, which is no
   longer true. Once that is decided, not a byte moves and no FIN goes out.
@@ -27,6 +29,27 @@ class EndKind(enum.Enum):
     """Writing to the sink failed: it reset the connection or closed its read side."""
     INTERCEPTOR_FAILED = "interceptor_failed"
     """An interceptor of this direction raised."""
+    INTERCEPTOR_CLOSED = "interceptor_closed"
+    """An interceptor of this direction raised ``CloseFlow``: both sides are closed."""
+    INTERCEPTOR_RESET = "interceptor_reset"
+    """An interceptor of this direction raised ``ResetFlow``: both sides are reset."""
+
+
+_BY_INTERCEPTOR = frozenset(
+    {EndKind.INTERCEPTOR_FAILED, EndKind.INTERCEPTOR_CLOSED, EndKind.INTERCEPTOR_RESET}
+)
+_NOT_RESETTING = frozenset({EndKind.EOF, EndKind.INTERCEPTOR_CLOSED})
+
+
+class CloseFlow(Exception):
+    """Raised by an interceptor to close the whole flow now, as a peer that hangs up would:
+    what the chain yielded before is delivered, then both sockets are closed (a FIN, or a RST
+    where the kernel still holds bytes nobody read). Reported as ``interceptor_closed``."""
+
+
+class ResetFlow(Exception):
+    """Raised by an interceptor to reset the whole flow now, as a broken network would: both
+    sides get a RST. Reported as ``interceptor_reset``, not as an interceptor failure."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +63,7 @@ class DirectionEnd:
         """The side whose behaviour ended this direction (``"proxy"`` for an interceptor)."""
         if self.kind is EndKind.SINK_RESET:
             return self.direction.sink
-        if self.kind is EndKind.INTERCEPTOR_FAILED:
+        if self.kind in _BY_INTERCEPTOR:
             return "proxy"
         return self.direction.source
 
@@ -85,7 +108,8 @@ class FlowEnding:
         self.upstream = f"refused_{reason}"
 
     def record(self, end: DirectionEnd) -> bool:
-        """Note one direction's end; true when the whole flow must now be reset."""
+        """Note one direction's end; true when the whole flow must now end (reset, or closed
+        by an interceptor)."""
         self.ends.append(end)
         return end.kind is not EndKind.EOF
 
@@ -96,13 +120,14 @@ class FlowEnding:
         return (
             self.stopped is not None
             or self.upstream is not None
-            or any(end.kind is not EndKind.EOF for end in self.ends)
+            or any(end.kind not in _NOT_RESETTING for end in self.ends)
         )
 
     @property
     def over(self) -> bool:
-        """Both directions have ended, or the flow is being reset."""
-        return len(self.ends) == 2 or self.resetting
+        """Both directions have ended, or an interceptor closed the flow, or it is being
+        reset."""
+        return len(self.ends) == 2 or self.resetting or self.closed_by_interceptor
 
     @property
     def fin_needs_shutdown(self) -> bool:
@@ -116,12 +141,16 @@ class FlowEnding:
 
     @property
     def clean(self) -> bool:
-        """Both directions saw EOF: close both sockets normally."""
-        return (
-            self.stopped is None
-            and len(self.ends) == 2
-            and all(end.kind is EndKind.EOF for end in self.ends)
-        )
+        """Both directions saw EOF, or an interceptor closed the flow: close both sockets
+        normally."""
+        ends = self.ends
+        if self.stopped is not None or any(end.kind not in _NOT_RESETTING for end in ends):
+            return False
+        return len(ends) == 2 or self.closed_by_interceptor
+
+    @property
+    def closed_by_interceptor(self) -> bool:
+        return any(end.kind is EndKind.INTERCEPTOR_CLOSED for end in self.ends)
 
     @property
     def first_closed(self) -> str | None:
@@ -130,16 +159,16 @@ class FlowEnding:
 
     @property
     def failure(self) -> DirectionEnd | None:
-        return next((end for end in self.ends if end.kind is not EndKind.EOF), None)
+        return next((end for end in self.ends if end.kind not in _NOT_RESETTING), None)
 
     @property
     def reason(self) -> str:
         """Short and from a closed set, for logs and metrics: ``closed``, ``client_reset``,
-        ``server_reset``, ``interceptor_failed``, ``upstream_<why>``, ``refused_<why>``,
-        ``idle_timeout``,
+        ``server_reset``, ``interceptor_failed``, ``interceptor_closed``,
+        ``interceptor_reset``, ``upstream_<why>``, ``refused_<why>``, ``idle_timeout``,
         ``proxy_error`` or ``cancelled`` (the proxy ended the flow, e.g. at shutdown)."""
         if self.clean:
-            return "closed"
+            return EndKind.INTERCEPTOR_CLOSED.value if self.closed_by_interceptor else "closed"
         if self.upstream is not None:
             return self.upstream
         if self.stopped is not None:
@@ -147,6 +176,6 @@ class FlowEnding:
         failure = self.failure
         if failure is None:
             return Stop.CANCELLED.value
-        if failure.kind is EndKind.INTERCEPTOR_FAILED:
-            return "interceptor_failed"
+        if failure.kind in _BY_INTERCEPTOR:
+            return failure.kind.value
         return f"{failure.side}_reset"

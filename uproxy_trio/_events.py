@@ -77,11 +77,12 @@ class FlowClosed:
     """The flow is over and both of its sockets are closed.
 
     ``reason`` is ``closed`` (both sides finished cleanly), ``client_reset``, ``server_reset``,
-    ``interceptor_failed``, ``idle_timeout``, ``cancelled``, ``upstream_<why>`` or
-    ``refused_<why>``; the byte counts are what the proxy delivered to the server and to the
-    client; ``intercepted`` is whether interceptors ran on the flow's bytes (false for a flow
-    relayed as it is); ``route`` is the name of the route the flow took (``None``: no route
-    took it).
+    ``interceptor_failed``, ``interceptor_closed`` or ``interceptor_reset`` (an interceptor
+    raised ``CloseFlow`` or ``ResetFlow``), ``idle_timeout``, ``cancelled``,
+    ``upstream_<why>`` or ``refused_<why>``; the byte counts are what the proxy delivered to
+    the server and to the client; ``intercepted`` is whether interceptors ran on the flow's
+    bytes (false for a flow relayed as it is); ``route`` is the name of the route the flow
+    took (``None``: no route took it).
     """
 
     flow: Flow

@@ -11,10 +11,11 @@ output is the next one's ``chunks``): no tasks and no channels, so a chunk costs
 ``__anext__`` per interceptor, and backpressure is free because nothing is read from a socket
 until the outermost interceptor asks for it.
 
-Two markers change how one interceptor is driven, without changing its signature:
+Three markers change how one interceptor is driven, without changing its signature:
 ``directions`` restricts it to one way (the other way then pays nothing for it, and keeps the
-zero-copy path), and ``in_own_task`` runs it behind ``trio.as_safe_channel`` so its body may
-hold a nursery or a cancel scope across ``yield``.
+zero-copy path), ``for_flows`` to the flows a predicate picks (likewise), and ``in_own_task``
+runs it behind ``trio.as_safe_channel`` so its body may hold a nursery or a cancel scope across
+``yield``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ InterceptorT = TypeVar("InterceptorT", bound=Interceptor)
 
 _DIRECTIONS_ATTR = "__uproxy_directions__"
 _OWN_TASK_ATTR = "__uproxy_own_task__"
+_FOR_FLOWS_ATTR = "__uproxy_for_flows__"
 
 
 def directions(*wanted: Direction | str) -> Callable[[InterceptorT], InterceptorT]:
@@ -46,6 +48,32 @@ def directions(*wanted: Direction | str) -> Callable[[InterceptorT], Interceptor
         return interceptor
 
     return mark
+
+
+def for_flows(wanted: Callable[[Flow], bool]) -> Callable[[InterceptorT], InterceptorT]:
+    """Mark an interceptor to run only on the flows for which ``wanted(flow)`` is true; the
+    others pass through untouched and unpaid for.
+
+    ``wanted`` is asked once per flow and direction, when the interceptor first reaches it, so
+    a random choice (a fault that hits a given share of the flows) stays put for the flow.
+    """
+
+    def mark(interceptor: InterceptorT) -> InterceptorT:
+        setattr(interceptor, _FOR_FLOWS_ATTR, wanted)
+        return interceptor
+
+    return mark
+
+
+def picks_flows(interceptor: Interceptor) -> bool:
+    """Whether ``interceptor`` was marked with ``for_flows``."""
+    return hasattr(interceptor, _FOR_FLOWS_ATTR)
+
+
+def wants(interceptor: Interceptor, flow: Flow) -> bool:
+    """Whether ``interceptor`` runs on ``flow`` (always, unless marked with ``for_flows``)."""
+    wanted: Callable[[Flow], bool] | None = getattr(interceptor, _FOR_FLOWS_ATTR, None)
+    return wanted is None or bool(wanted(flow))
 
 
 def in_own_task(interceptor: InterceptorT) -> InterceptorT:

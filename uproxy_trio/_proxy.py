@@ -48,7 +48,7 @@ from ._events import (
     log_event,
 )
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor, chain_for
+from ._interceptor import Interceptor, chain_for, picks_flows, wants
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._routes import Route, Routes
 from ._splice import SPLICE_AVAILABLE, PipePool
@@ -103,9 +103,9 @@ LOGGER = logging.getLogger("uproxy_trio")
 
 class _Plan:
     """What a flow does, worked out once per route (or once for the flows no route takes),
-    never per flow: its chain each way, whether it is intercepted, its timeouts."""
+    never per flow: its chain each way and its timeouts."""
 
-    __slots__ = ("chains", "connect_timeout", "idle_timeout", "intercepted", "route")
+    __slots__ = ("chains", "connect_timeout", "idle_timeout", "picky", "route")
 
     def __init__(
         self,
@@ -116,9 +116,20 @@ class _Plan:
     ) -> None:
         self.route = route
         self.chains = {direction: chain_for(interceptors, direction) for direction in Direction}
-        self.intercepted = any(self.chains.values())
+        # Some interceptors run only on the flows they pick (``for_flows``): then each flow's
+        # chains are its own, else every flow shares the plan's.
+        self.picky = any(picks_flows(interceptor) for interceptor in interceptors)
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+
+    def chains_for(self, flow: Flow) -> dict[Direction, tuple[Interceptor, ...]]:
+        """``flow``'s chain each way: the plan's, less what picks other flows."""
+        if not self.picky:
+            return self.chains
+        return {
+            direction: tuple(interceptor for interceptor in chain if wants(interceptor, flow))
+            for direction, chain in self.chains.items()
+        }
 
 
 class _LiveFlow:
@@ -126,13 +137,14 @@ class _LiveFlow:
     (for their byte counts), how it is ending, the cancel scope that tears it down, and its
     plan (the sweep reads its idle timeout there)."""
 
-    __slots__ = ("ending", "plan", "scope", "ways")
+    __slots__ = ("ending", "intercepted", "plan", "scope", "ways")
 
     def __init__(self, scope: trio.CancelScope, ending: FlowEnding, plan: _Plan) -> None:
         self.scope = scope
         self.ending = ending
         self.plan = plan
         self.ways: tuple[Way, Way] | None = None  # None while connecting
+        self.intercepted = False  # whether an interceptor has run on it
 
     @property
     def connecting(self) -> bool:
@@ -417,13 +429,15 @@ class Proxy:
                         scope.deadline = math.inf
                         emit(UpstreamConnected(flow, _since(started)))
                         live.ways = both_ways(client_sock, server_sock, readiness, self._shared)
+                        chains = plan.chains_for(flow)
+                        live.intercepted = any(chains.values())
                         for way in live.ways:
                             nursery.start_soon(
                                 relay_direction,
                                 flow,
                                 way,
                                 live,
-                                plan.chains[way.direction],
+                                chains[way.direction],
                                 emit,
                                 name=_RELAY_TASK,
                             )
@@ -471,7 +485,7 @@ class Proxy:
                 to_server,
                 to_client,
                 _since(started),
-                plan.intercepted,
+                live is not None and live.intercepted,
                 plan.route,
             )
         )
