@@ -53,13 +53,20 @@ ROUND_TRIPS = 9
 
 def wait_for_control(lab: Lab, where: str = CONTROL, timeout: float = 10) -> None:
     """The control API comes up just after the listeners that ``CliProxy.start`` waits for."""
+    if where.startswith("unix:"):
+        transport = httpx.HTTPTransport(uds=where.removeprefix("unix:"))
+        url = "http://uproxy/version"
+    else:
+        transport, url = httpx.HTTPTransport(), f"http://{where}/version"
     deadline = time.monotonic() + timeout
-    while True:
-        done = run_uproxy("toxic", "list", "--json", "--control", where, namespace=lab.proxy)
-        if done.returncode == 0:
-            return
-        assert time.monotonic() < deadline, done.stderr
-        time.sleep(0.05)
+    with lab.proxy.entered(), httpx.Client(transport=transport) as client:
+        while True:
+            try:
+                client.get(url).raise_for_status()
+                return
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, f"no control API at {where}"
+                time.sleep(0.05)
 
 
 @asynccontextmanager

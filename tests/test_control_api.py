@@ -4,6 +4,7 @@ Toxiproxy's status and error body, changing nothing."""
 
 from __future__ import annotations
 
+import stat
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,17 @@ async def test_browsers_are_refused(api: tuple[httpx.AsyncClient, FakeProxy]) ->
     client, _ = api
     answer = await client.get("/proxies", headers={"User-Agent": "Mozilla/5.0 (X11)"})
     assert answer.status_code == 403
+
+
+async def test_a_unix_socket_is_its_owners_only_and_removed_at_the_end(tmp_path: Path) -> None:
+    socket_path = tmp_path / "control.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            serve_http,
+            socket_path,
+            control_app(Control(FakeProxy(), fake_make_toxic, ())),
+            "the control API",
+        )
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+        nursery.cancel_scope.cancel()
+    assert not socket_path.exists()
