@@ -320,10 +320,15 @@ def serve(
       uproxy serve --listen 127.0.0.1:9091 --listen [::1]:9091 --label '<via uproxy>'
       UPROXY_LISTEN=127.0.0.1:9091 uproxy serve -i my_interceptors.py:shout
       uproxy serve --config /etc/uproxy.toml
+      uproxy serve --forward 127.0.0.1:26379=127.0.0.1:6379 --control 127.0.0.1:8474
 
     With --config, the file's routes choose each flow's interceptors and timeouts, the first
     route that matches winning; --interceptor and --label are for the flows no route
     takes. SIGHUP reloads the routes: new flows take the new ones, flows in flight keep theirs.
+
+    With --control, an HTTP API that Toxiproxy's clients drive adds faults (toxics) to the
+    flows of a route or of a --forward listener, those in flight included; `uproxy toxic`
+    and `uproxy flows` are its command-line clients.
 
     Exit status after SIGTERM/SIGINT: 0 when every flow finished within --grace, 1 when some
     had to be reset.

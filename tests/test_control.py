@@ -272,3 +272,25 @@ async def test_the_control_api_is_out_of_reach_of_the_client_and_the_server(
     for address in addresses:
         with trio.fail_after(10), pytest.raises(ConnectionRefusedError):
             await connect(host, address, CONTROL_PORT)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--forward", "nonsense"], "'nonsense': expected LISTEN=UPSTREAM"),
+        (["--forward", "127.0.0.1:7001=db:5432"], "'db:5432': 'db' is not an IP address"),
+        (
+            ["--forward", f"{FORWARD}=127.0.0.1:1", "--forward", f"{FORWARD}=127.0.0.1:2"],
+            f"two forwards or routes are named '{FORWARD}'",
+        ),
+        (["--control", "nowhere"], "Invalid value for '--control'"),
+        (["--seed", "x"], "Invalid value for '--seed'"),
+    ],
+)
+def test_bad_control_options_are_usage_errors(
+    lab: Lab, cli_proxy: CliProxy, args: list[str], message: str
+) -> None:
+    with pytest.raises(AssertionError, match="exited 2"):
+        cli_proxy.start(*args)
+    assert message in cli_proxy.log
+    assert "Traceback" not in cli_proxy.log
