@@ -55,7 +55,7 @@ INVALID_STREAM = ApiError(400, "stream was invalid, can be either upstream or do
 INVALID_TOXIC_TYPE = ApiError(400, "invalid toxic type")
 
 
-class ToxicFactory(Protocol):
+class MakeToxic(Protocol):
     """``uproxy_trio.toxics.make_toxic``: an interceptor for one toxic, or ``ValueError``."""
 
     def __call__(
@@ -129,7 +129,7 @@ class Control:
     def __init__(
         self,
         proxy: ControlledProxy,
-        make_toxic: ToxicFactory,
+        make_toxic: MakeToxic,
         toxic_types: Collection[str],
         *,
         seed: int | None = None,

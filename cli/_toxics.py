@@ -16,16 +16,16 @@ import trio
 
 from uproxy_trio import Direction, Flow, Interceptor, directions
 
-from ._control import ToxicFactory
+from ._control import MakeToxic
 
 
-def toxic_kit() -> tuple[ToxicFactory, Collection[str]]:
+def toxic_kit() -> tuple[MakeToxic, Collection[str]]:
     """``make_toxic`` and the toxic types it knows."""
     try:
         module = importlib.import_module("uproxy_trio.toxics")
     except ModuleNotFoundError:
         return _standin_make_toxic, ("latency",)
-    make_toxic: ToxicFactory = module.make_toxic
+    make_toxic: MakeToxic = module.make_toxic
     return make_toxic, tuple(module.TOXICS)
 
 

@@ -313,3 +313,23 @@ async def test_a_unix_socket_is_its_owners_only_and_removed_at_the_end(tmp_path:
         assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
         nursery.cancel_scope.cancel()
     assert not socket_path.exists()
+
+
+async def test_populate_creates_each_proxy_once(api: tuple[httpx.AsyncClient, FakeProxy]) -> None:
+    client, proxy = api
+    wanted = [
+        {"name": "a", "listen": "127.0.0.1:7001", "upstream": "127.0.0.1:7000"},
+        {"name": "b", "listen": "127.0.0.1:7002", "upstream": "127.0.0.1:7000"},
+    ]
+    made = await client.post("/populate", json=wanted)
+    assert made.status_code == 201
+    assert [shown["name"] for shown in made.json()["proxies"]] == ["a", "b"]
+    first = dict(proxy.forwards)
+    # The same again changes nothing; a new upstream replaces that forward.
+    wanted[1]["upstream"] = "127.0.0.1:7003"
+    assert (await client.post("/populate", json=wanted)).status_code == 201
+    assert proxy.forwards["a"] is first["a"]
+    assert proxy.forwards["b"][0].upstream == ("127.0.0.1", 7003)
+    refused = await client.post("/populate", json=[{"name": "c"}])
+    assert refused.json() == {"error": "missing required field: upstream at proxy 1", "status": 400}
+    assert "c" not in proxy.forwards
