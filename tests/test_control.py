@@ -37,6 +37,7 @@ from uproxy_netns import (
     PROXY_CLIENT_SIDE_V6,
     PROXY_SERVER_SIDE_V4,
     PROXY_SERVER_SIDE_V6,
+    SERVER_V4,
     Lab,
 )
 
@@ -294,3 +295,56 @@ def test_bad_control_options_are_usage_errors(
         cli_proxy.start(*args)
     assert message in cli_proxy.log
     assert "Traceback" not in cli_proxy.log
+
+
+def api(lab: Lab, method: str, path: str, body: object = None) -> httpx.Response:
+    """One call to the control API on ``CONTROL``, from the proxy namespace."""
+    with lab.proxy.entered(), httpx.Client(base_url=f"http://{CONTROL}", timeout=10) as client:
+        return client.request(method, path, json=body)
+
+
+SLOW_ROUTE = """
+[[routes]]
+name = "{name}"
+port = 9090
+"""
+
+
+async def test_a_toxic_on_a_route_slows_a_transparent_flow_in_flight_and_survives_a_reload(
+    lab: Lab, cli_proxy: CliProxy, tmp_path: Path
+) -> None:
+    config = tmp_path / "uproxy.toml"
+    config.write_text(SLOW_ROUTE.format(name="slow"))
+    cli_proxy.start("--config", str(config), "--control", CONTROL)
+    wait_for_control(lab)
+    shown = api(lab, "GET", "/proxies/slow").json()
+    assert shown["upstream"] == "*:9090"
+    assert shown["listen"] == "127.0.0.1:9091, [::1]:9091"
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(30), await connect(lab.client, SERVER_V4, 9090) as client:
+            before = await round_trip_s(client)
+            toxic = {"type": "latency", "stream": "upstream", "attributes": {"latency": LATENCY_MS}}
+            assert api(lab, "POST", "/proxies/slow/toxics", toxic).status_code == 200
+            slowed = await round_trip_s(client)
+
+            # A reload that keeps the route keeps its toxic, on this flow and new ones.
+            config.write_text(SLOW_ROUTE.format(name="slow") + SLOW_ROUTE.format(name="other"))
+            assert api(lab, "POST", "/reload").json() == {"routes": 2}
+            assert [t["name"] for t in api(lab, "GET", "/proxies/slow/toxics").json()] == [
+                "latency_upstream"
+            ]
+            assert await round_trip_s(client) > before + 0.75 * LATENCY_MS / 1000
+            # A file that does not load is refused, and says why.
+            config.write_text("[[routes]]\nport = 1\n")
+            refused = api(lab, "POST", "/reload")
+            assert refused.status_code == 400
+            assert "reload refused, the 2 routes in use stay" in refused.json()["error"]
+
+            assert api(lab, "DELETE", "/proxies/slow/toxics/latency_upstream").status_code == 204
+            after = await round_trip_s(client)
+        nursery.cancel_scope.cancel()
+    assert slowed > before + 0.75 * LATENCY_MS / 1000, (before, slowed)
+    assert after < before + 0.25 * LATENCY_MS / 1000, (before, slowed, after)
+    assert cli_proxy.stop() == 0
