@@ -135,7 +135,7 @@ def serve(
             metavar="HOST:PORT",
             envvar="UPROXY_LISTEN",
             help="Address the TPROXY rule delivers to; repeat for more (IPv6 as [::1]:9091).",
-            show_default="127.0.0.1:9091",
+            show_default="127.0.0.1:9091; none with --forward or --control",
         ),
     ] = None,
     connect_timeout: Annotated[
@@ -341,7 +341,10 @@ def serve(
         forwards += given.file.forwards
     routes = [route.name for route in given.file.routes] if given.file is not None else []
     given.checked("forward", lambda _: check_names(forwards, routes))
-    listen = values["listen"] = values["listen"] or ["127.0.0.1:9091"]
+    # Toxiproxy's way, forwards and the API alone, needs no TPROXY and no root: there is no
+    # transparent listener then unless one is asked for.
+    toxiproxy_way = bool(forwards) or values["control"] is not None
+    listen = values["listen"] = values["listen"] or ([] if toxiproxy_way else ["127.0.0.1:9091"])
     addresses = given.each("listen", parse_address)
     interceptors = given.each("interceptor", load_interceptor)
     label = values["label"]

@@ -20,13 +20,14 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from cli_tools import run_uproxy
+from cli_tools import NO_CAPABILITIES, run_uproxy
 from lab_tools import (
     CliProxy,
     connect,
     connect_expecting_reset,
     echo_server,
     listen,
+    listeners,
     recv_exactly,
     send_all,
 )
@@ -347,4 +348,26 @@ async def test_a_toxic_on_a_route_slows_a_transparent_flow_in_flight_and_survive
         nursery.cancel_scope.cancel()
     assert slowed > before + 0.75 * LATENCY_MS / 1000, (before, slowed)
     assert after < before + 0.25 * LATENCY_MS / 1000, (before, slowed, after)
+    assert cli_proxy.stop() == 0
+
+
+async def test_forwards_and_the_api_need_no_capability_and_no_transparent_listener(
+    inside_proxy: Lab, cli_proxy: CliProxy
+) -> None:
+    lab = inside_proxy
+    forward = ("--forward", f"{FORWARD}=127.0.0.1:7000")
+    cli_proxy.start("--control", CONTROL, *forward, listen=(), wrap=NO_CAPABILITIES)
+    wait_for_control(lab)
+    assert listeners(lab.proxy) == 0  # nothing on the TPROXY port
+    async with echo_upstream(lab):
+        with trio.fail_after(20), await connect(lab.proxy, *host_port(FORWARD)) as sock:
+            await send_all(sock, b"hello")
+            assert await recv_exactly(sock, 5) == b"hello"
+        # Toxiproxy's way: a proxy made over the API, on a port the kernel picks.
+        made = api(lab, "POST", "/proxies", {"name": "made", "upstream": "127.0.0.1:7000"})
+        assert made.status_code == 201
+        made_at = host_port(made.json()["listen"])
+        with trio.fail_after(20), await connect(lab.proxy, *made_at) as sock:
+            await send_all(sock, b"again")
+            assert await recv_exactly(sock, 5) == b"again"
     assert cli_proxy.stop() == 0
