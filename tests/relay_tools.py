@@ -12,7 +12,7 @@ import gc
 import heapq
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Self
@@ -61,6 +61,12 @@ class LoopbackFlow:
     ways: tuple[Way, Way] | None = None
     done: trio.Event = field(default_factory=trio.Event)
 
+    def changed(self) -> None:
+        """Tell both directions their live interceptors changed, as ``Proxy`` does."""
+        assert self.ways is not None
+        for way in self.ways:
+            way.changed()
+
     @property
     def written(self) -> tuple[int, int]:
         assert self.ways is not None
@@ -85,6 +91,7 @@ async def relay_one(
     shared: SharedBuffers,
     flow: LoopbackFlow,
     chains: dict[Direction, Sequence[Interceptor]],
+    live_chains: Mapping[str | None, Sequence[Interceptor]],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """What ``Proxy._relay_flow`` does once the flow is connected."""
@@ -96,7 +103,7 @@ async def relay_one(
         try:
             async with trio.open_nursery() as nursery:
                 plan = _Plan(None, (), DEFAULT_CONNECT_TIMEOUT_S, None)  # its chains: below
-                live = _LiveFlow(nursery.cancel_scope, flow.ending, plan)
+                live = _LiveFlow(FLOW, 0.0, nursery.cancel_scope, flow.ending, plan)
                 flow.ways = live.ways = both_ways(
                     flow.client_inner, flow.server_inner, readiness, shared
                 )
@@ -108,6 +115,7 @@ async def relay_one(
                         live,
                         chains.get(way.direction, ()),
                         flow.events.append,
+                        live_chains,
                     )
                 task_status.started()
         finally:
@@ -117,9 +125,15 @@ async def relay_one(
 
 @asynccontextmanager
 async def relayed(
-    *flows: LoopbackFlow, chains: dict[Direction, Sequence[Interceptor]] | None = None
+    *flows: LoopbackFlow,
+    chains: dict[Direction, Sequence[Interceptor]] | None = None,
+    live_chains: Mapping[str | None, Sequence[Interceptor]] | None = None,
 ) -> AsyncIterator[Reactor]:
-    """Relay each flow as the proxy would, with a running reactor, for the block's length."""
+    """Relay each flow as the proxy would, with a running reactor, for the block's length.
+
+    ``live_chains`` is read as ``Proxy`` reads its live interceptors (the flows here take no
+    route: key ``None``); after changing it, call ``LoopbackFlow.changed``.
+    """
     pipes = PipePool() if SPLICE_AVAILABLE else None
     shared = SharedBuffers(pipes)
     try:
@@ -128,7 +142,14 @@ async def relayed(
                 nursery.start_soon(reactor.run)
                 async with trio.open_nursery() as relays:
                     for flow in flows:
-                        await relays.start(relay_one, reactor, shared, flow, chains or {})
+                        await relays.start(
+                            relay_one,
+                            reactor,
+                            shared,
+                            flow,
+                            chains or {},
+                            {} if live_chains is None else live_chains,
+                        )
                     yield reactor
                     relays.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()

@@ -17,7 +17,7 @@ from ._events import (
     UpstreamFailed,
     log_event,
 )
-from ._flow import Direction, Flow
+from ._flow import Direction, Flow, FlowInfo
 from ._interceptor import Interceptor, directions, for_flows, in_own_task, interceptor_factory
 from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
 from ._routes import Route, Routes
@@ -34,6 +34,7 @@ __all__ = [
     "Flow",
     "FlowClosed",
     "FlowEvent",
+    "FlowInfo",
     "FlowOpened",
     "FlowRefused",
     "HalfClosed",

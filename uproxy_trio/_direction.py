@@ -12,9 +12,13 @@ it ended. ``Way`` adds the sockets and moves the bytes, on one of two paths:
   allocation; once a read fills that buffer the direction is moving bulk and switches to
   splice(2) through a pipe, where the bytes never enter Python; when a splice comes back
   small it switches back (HAProxy's splice-auto).
-* **intercepted**: the direction's task reads chunks for the interceptor chain
-  (``Way.chunks``) and writes what the chain yields (``Way.send_all``), waiting on the same
-  readiness.
+* **intercepted**: the direction's task reads chunks for the interceptor chain (``_Tap``,
+  through the live interceptors' ``LiveSegment``) and writes what the chain yields
+  (``Way.send_all``), waiting on the same readiness.
+
+A direction moves between the two paths while it runs when its route's live interceptors
+change (``Way.changed``): the reactor lets its pump go (bytes it holds are delivered first on
+the other path), or its live segment ends at a chunk boundary.
 
 Nothing awaits between reading into the shared buffer and writing it out, so one buffer is
 enough. What the sink does not take at once stays with the direction (a copy of at most one
@@ -31,13 +35,14 @@ import os
 import socket
 import struct
 import termios
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
 from ._ending import CloseFlow, EndKind, ResetFlow
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor, run_chain
+from ._interceptor import Interceptor, chain_for, picks_flows, run_chain, wants
+from ._live import LiveSegment
 from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, Turn, bit
 from ._splice import SPLICE_FLAGS, Pipe, PipePool
 
@@ -223,11 +228,14 @@ class Way(DirectionState):
         "closed",
         "direction",
         "mask",
+        "picked",
         "pipe",
         "readable",
         "readiness",
+        "segment",
         "sink",
         "source",
+        "switching",
         "writable",
     )
 
@@ -249,11 +257,49 @@ class Way(DirectionState):
         self.mask = self.readable | self.writable
         self.backlog = _EMPTY
         self.pipe: Pipe | None = None
+        # Live interceptors (``_live``): a change asks the direction to look again
+        # (``switching``); ``segment`` is set while it runs them; ``picked`` remembers which
+        # of those that pick their flows (``for_flows``) picked this one.
+        self.switching = False
+        self.segment: LiveSegment | None = None
+        self.picked: dict[int, bool] | None = None
+
+    def changed(self) -> None:
+        """The live interceptors of this direction's route have changed: take them on (or let
+        them go) at the next chunk boundary."""
+        self.switching = True
+        segment = self.segment
+        if segment is not None:
+            segment.changed()
+        else:
+            self.readiness.release(self)  # the plain path: wake the task from the reactor
+
+    def picks(self, flow: Flow, interceptors: Sequence[Interceptor]) -> tuple[Interceptor, ...]:
+        """Which of a route's live ``interceptors`` run on this direction of ``flow``.
+
+        An interceptor that picks its flows is asked once, when it first reaches this
+        direction; the answer is kept for as long as it stays on the route.
+        """
+        mine = []
+        for interceptor in chain_for(interceptors, self.direction):
+            if picks_flows(interceptor):
+                picked = self.picked
+                if picked is None:
+                    picked = self.picked = {}
+                key = id(interceptor)
+                if key not in picked:
+                    picked[key] = wants(interceptor, flow)
+                if not picked[key]:
+                    continue
+            mine.append(interceptor)
+        return tuple(mine)
 
     # -- the plain path ---------------------------------------------------------------------
 
     def turn(self) -> Turn:
         """Move what can be moved now, up to ``TURN_BYTES``, without blocking."""
+        if self.switching:
+            return Turn.DONE  # (with no ``end``): the task takes the direction back
         readiness, readable, writable = self.readiness, self.readable, self.writable
         moved = 0
         while True:
@@ -366,8 +412,11 @@ class Way(DirectionState):
         return delivered
 
     def detached(self) -> None:
-        """The reactor has let this direction go (it is over, or its task was cancelled)."""
-        self.release()
+        """The reactor has let this direction go (it is over, its task was cancelled, or it
+        moves to the interceptor path). Bytes held in the pipe stay, for that path to deliver
+        first; the task releases the pipe when the direction is over."""
+        if not self.held:
+            self.release()
 
     def release(self) -> None:
         """Give the pipe back to the pool, or close it if it still holds bytes."""
@@ -383,57 +432,51 @@ class Way(DirectionState):
     # -- the intercepted path ---------------------------------------------------------------
 
     async def relay_intercepted(
-        self, flow: Flow, chain: Sequence[Interceptor]
-    ) -> tuple[EndKind, BaseException | None]:
-        """Move this direction through ``chain`` until it ends; how it ended, and what the
-        chain raised if that was the end."""
+        self, flow: Flow, chain: Sequence[Interceptor], live: Callable[[], Sequence[Interceptor]]
+    ) -> tuple[EndKind, BaseException | None] | None:
+        """Move this direction through its live interceptors (``live()`` says which, now) and
+        ``chain`` until it ends: how it ended, and what an interceptor raised if that was the
+        end; ``None`` if it ended because nothing intercepts it any more (back to the plain
+        path, at a chunk boundary: nothing read is left behind)."""
+        if self.held and not await self._deliver_held():
+            return _SINK_RESET, None
         try:
-            if not await run_chain(flow, self.direction, chain, self.chunks(), self.send_all):
-                return _SINK_RESET, None
+            async with trio.open_nursery() as stages:
+                segment = LiveSegment(flow, self.direction, _Tap(self), live, bool(chain), stages)
+                self.segment = segment
+                try:
+                    delivered = await run_chain(flow, self.direction, chain, segment, self.send_all)
+                finally:
+                    self.segment = None
+                    stages.cancel_scope.cancel()  # whatever live stage is left, at a sink reset
         except Exception as exc:  # noqa: BLE001 - whatever an interceptor raises ends its flow only
+            error = _single(exc)
             # The source's reset reached the chain as an exception, which an interceptor may
             # even have swallowed: the reset is what ended the direction, not the interceptor.
             if self.end is _SOURCE_RESET:
                 return _SOURCE_RESET, None
-            if isinstance(exc, CloseFlow):
+            if isinstance(error, CloseFlow):
                 return EndKind.INTERCEPTOR_CLOSED, None
-            if isinstance(exc, ResetFlow):
+            if isinstance(error, ResetFlow):
                 return EndKind.INTERCEPTOR_RESET, None
-            return EndKind.INTERCEPTOR_FAILED, exc
-        return (_SOURCE_RESET, None) if self.end is _SOURCE_RESET else (_EOF, None)
+            return EndKind.INTERCEPTOR_FAILED, error
+        if self.end is _SOURCE_RESET:
+            return _SOURCE_RESET, None
+        if not delivered:
+            return _SINK_RESET, None
+        if segment.switched:
+            return None
+        return _EOF, None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The source as chunks for the interceptor chain, until its EOF.
-
-        A reset raises, and is remembered in ``end``, since an interceptor between this reader
-        and the relay may swallow the exception; the relay must still reset the flow rather
-        than pass on a FIN.
-        """
-        readiness, readable, source = self.readiness, self.readable, self.source
-        reads, size = 0, INTERCEPT_FIRST_READ
-        while True:
-            if not readiness.bits & readable:
-                await readiness.wait(readable)
-                reads = 0
-            try:
-                data = source.recv(size)
-            except BlockingIOError:
-                readiness.clear(readable)
-                continue
-            except OSError:
-                self.end = _SOURCE_RESET
-                raise
-            if not data:
-                return
-            self.read += len(data)
-            if self.emptied(len(data), size, readiness.bits & self.closed):
-                readiness.clear(readable)
-            size = min(size * 4, INTERCEPT_READ_SIZE) if len(data) == size else INTERCEPT_FIRST_READ
-            reads += 1
-            if reads >= FAIRNESS_READS:
-                await trio.lowlevel.checkpoint()
-                reads = 0
-            yield data
+    async def _deliver_held(self) -> bool:
+        """Deliver what the plain path read and the sink has not taken yet (in the backlog or
+        the pipe) before anything else; false if the sink is gone."""
+        while self.held and self.end is None:
+            self._flush()
+            if self.held and self.end is None:
+                await self.readiness.wait(self.writable)
+        self.release()
+        return self.end is None
 
     async def send_all(self, data: bytes) -> bool:
         """Write all of ``data``, waiting while the sink is full; false if the sink is gone.
@@ -468,6 +511,60 @@ class Way(DirectionState):
         except OSError:
             queued = 0
         return self.written - queued
+
+
+class _Tap:
+    """A direction's source, read in chunks for its interceptors.
+
+    A reset raises, and is remembered in the direction's ``end``, since an interceptor between
+    this reader and the relay may swallow the exception; the relay must still reset the flow
+    rather than pass on a FIN. Waiting loses nothing if cancelled (a live interceptor coming or
+    going interrupts it).
+    """
+
+    __slots__ = ("_reads", "_size", "_way")
+
+    def __init__(self, way: Way) -> None:
+        self._way = way
+        self._reads = 0
+        self._size = INTERCEPT_FIRST_READ
+
+    async def read(self) -> bytes | None:
+        way = self._way
+        readiness, readable, source, size = way.readiness, way.readable, way.source, self._size
+        if self._reads >= FAIRNESS_READS:
+            # (before reading, never after: a cancellation here loses nothing)
+            await trio.lowlevel.checkpoint()
+            self._reads = 0
+        while True:
+            if not readiness.bits & readable:
+                await readiness.wait(readable)
+                self._reads = 0
+            try:
+                data = source.recv(size)
+            except BlockingIOError:
+                readiness.clear(readable)
+                continue
+            except OSError:
+                way.end = _SOURCE_RESET
+                raise
+            if not data:
+                return None
+            way.read += len(data)
+            if way.emptied(len(data), size, readiness.bits & way.closed):
+                readiness.clear(readable)
+            self._size = (
+                min(size * 4, INTERCEPT_READ_SIZE) if len(data) == size else INTERCEPT_FIRST_READ
+            )
+            self._reads += 1
+            return data
+
+
+def _single(error: Exception) -> Exception:
+    """The one error inside the exception groups the live stages' nurseries wrap it in."""
+    while isinstance(error, ExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def both_ways(

@@ -77,6 +77,10 @@ class Stop(enum.Enum):
     """The proxy is stopping (the grace period is over, or it was cancelled)."""
     PROXY_ERROR = "proxy_error"
     """A fault inside the proxy: this flow is reset, nothing else is touched."""
+    ROUTE_DISABLED = "route_disabled"
+    """Its route was disabled (``Proxy.set_enabled``)."""
+    RESET_REQUESTED = "reset_requested"
+    """Someone asked for this flow to be reset (``Proxy.reset_flow``)."""
 
 
 class FlowEnding:
@@ -166,7 +170,8 @@ class FlowEnding:
         """Short and from a closed set, for logs and metrics: ``closed``, ``client_reset``,
         ``server_reset``, ``interceptor_failed``, ``interceptor_closed``,
         ``interceptor_reset``, ``upstream_<why>``, ``refused_<why>``, ``idle_timeout``,
-        ``proxy_error`` or ``cancelled`` (the proxy ended the flow, e.g. at shutdown)."""
+        ``route_disabled``, ``reset_requested``, ``proxy_error`` or ``cancelled`` (the proxy
+        ended the flow, e.g. at shutdown)."""
         if self.clean:
             return EndKind.INTERCEPTOR_CLOSED.value if self.closed_by_interceptor else "closed"
         if self.upstream is not None:

@@ -48,8 +48,8 @@ class UpstreamFailed:
 
 @dataclass(frozen=True, slots=True)
 class FlowRefused:
-    """The proxy would not relay this flow (``self_loop``: its destination is the proxy's
-    own listener); the client is reset."""
+    """The proxy would not relay this flow (``route_disabled``: its route is disabled;
+    ``self_loop``: its destination is the proxy's own listener); the client is reset."""
 
     flow: Flow
     reason: str

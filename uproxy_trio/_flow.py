@@ -39,3 +39,17 @@ class Flow:
     client: Address
     server: Address
     transport: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowInfo:
+    """A flow in flight, as ``Proxy.flows`` reports it (for ``GET /flows``, say)."""
+
+    flow: Flow
+    route: str | None
+    """The route it took; ``None`` when none did."""
+    interceptors: tuple[str, ...]
+    """The names of the interceptors running on it now, its route's and the live ones."""
+    bytes_client_to_server: int
+    bytes_server_to_client: int
+    age_s: float

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 
 import trio
@@ -47,7 +47,7 @@ from ._events import (
     UpstreamFailed,
     log_event,
 )
-from ._flow import Direction, Flow
+from ._flow import Direction, Flow, FlowInfo
 from ._interceptor import Interceptor, chain_for, picks_flows, wants
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._routes import Route, Routes
@@ -100,6 +100,8 @@ _RELAY_TASK = "uproxy relay"
 
 LOGGER = logging.getLogger("uproxy_trio")
 
+_NO_LIVE_CHAINS: Mapping[str | None, Sequence[Interceptor]] = {}
+
 
 class _Plan:
     """What a flow does, worked out once per route (or once for the flows no route takes),
@@ -133,18 +135,34 @@ class _Plan:
 
 
 class _LiveFlow:
-    """A flow in flight, as the metrics, the sweep and ``drain`` see it: its two directions
-    (for their byte counts), how it is ending, the cancel scope that tears it down, and its
-    plan (the sweep reads its idle timeout there)."""
+    """A flow in flight, as the metrics, the sweep, ``drain`` and ``flows`` see it: its two
+    directions (for their byte counts), how it is ending, the cancel scope that tears it down,
+    its plan (the sweep reads its idle timeout there), and its chains."""
 
-    __slots__ = ("ending", "intercepted", "plan", "scope", "ways")
+    __slots__ = ("chains", "ending", "flow", "intercepted", "plan", "scope", "started", "ways")
 
-    def __init__(self, scope: trio.CancelScope, ending: FlowEnding, plan: _Plan) -> None:
+    def __init__(
+        self, flow: Flow, started: float, scope: trio.CancelScope, ending: FlowEnding, plan: _Plan
+    ) -> None:
+        self.flow = flow
+        self.started = started
         self.scope = scope
         self.ending = ending
         self.plan = plan
         self.ways: tuple[Way, Way] | None = None  # None while connecting
+        self.chains = plan.chains
         self.intercepted = False  # whether an interceptor has run on it
+
+    def info(self, now: float, live_chains: Sequence[Interceptor]) -> FlowInfo:
+        names: dict[str, None] = {}
+        ways = self.ways or ()
+        for way in ways:
+            for interceptor in (*self.chains[way.direction], *way.picks(self.flow, live_chains)):
+                names[getattr(interceptor, "__name__", type(interceptor).__name__)] = None
+        written = [way.written for way in ways] or [0, 0]
+        return FlowInfo(
+            self.flow, self.plan.route, tuple(names), written[0], written[1], now - self.started
+        )
 
     @property
     def connecting(self) -> bool:
@@ -215,6 +233,9 @@ class Proxy:
         self._shared = SharedBuffers(self._pipes)
         self._closed_bytes = dict.fromkeys(Direction, 0)
         self._live: dict[int, _LiveFlow] = {}
+        # Interceptors set on a route (a name; None: the flows no route takes) while it runs.
+        self._live_chains: dict[str | None, tuple[Interceptor, ...]] = {}
+        self._disabled: set[str] = set()
         self.set_routes(routes)
 
     def set_routes(self, routes: Routes | None) -> None:
@@ -235,6 +256,54 @@ class Proxy:
         # The sweep looks at once, and from then on as often as the shortest timeout needs.
         self._idle_timeouts_changed.set()
         self._idle_timeouts_changed = trio.Event()
+
+    def set_live_interceptors(self, route: str | None, interceptors: Sequence[Interceptor]) -> None:
+        """Run ``interceptors`` on the flows of ``route`` (a route's name; ``None``: the flows
+        no route takes) from now on, the flows in flight included, after the route's own.
+
+        A flow in flight takes the change at its next chunk boundary: a spliced direction
+        moves onto the interceptor path, and back once none is left, without losing or
+        reordering a byte. An interceptor already running on a flow goes on as it was
+        (its state and timers kept); one taken away sees the end of its chunks and may
+        flush what it holds. ``for_flows`` interceptors are asked once per flow.
+        """
+        interceptors = tuple(interceptors)
+        if interceptors:
+            self._live_chains[route] = interceptors
+        elif self._live_chains.pop(route, None) is None:
+            return
+        for live in self._live.values():
+            if live.plan.route == route and live.ways is not None:
+                for way in live.ways:
+                    way.changed()
+
+    def live_interceptors(self, route: str | None) -> tuple[Interceptor, ...]:
+        """The interceptors set on ``route`` with ``set_live_interceptors``."""
+        return self._live_chains.get(route, ())
+
+    def set_enabled(self, route: str, enabled: bool) -> None:
+        """Disable ``route`` (Toxiproxy's ``enabled=false``: its flows in flight are reset, new
+        ones refused with a reset), or enable it again."""
+        if enabled:
+            self._disabled.discard(route)
+            return
+        self._disabled.add(route)
+        for live in list(self._live.values()):
+            if live.plan.route == route:
+                live.stop(Stop.ROUTE_DISABLED)
+
+    def flows(self) -> list[FlowInfo]:
+        """The flows in flight now, oldest first."""
+        now, chains = trio.current_time(), self._live_chains
+        return [live.info(now, chains.get(live.plan.route, ())) for live in self._live.values()]
+
+    def reset_flow(self, flow_id: int) -> bool:
+        """Reset one flow in flight, both sides; false if there is no such flow."""
+        live = self._live.get(flow_id)
+        if live is None:
+            return False
+        live.stop(Stop.RESET_REQUESTED)
+        return True
 
     @property
     def routes(self) -> Routes | None:
@@ -410,6 +479,10 @@ class Proxy:
                 ending.refuse("self_loop")
                 emit(FlowRefused(flow, "self_loop"))
                 return
+            if plan.route in self._disabled:
+                ending.refuse("route_disabled")
+                emit(FlowRefused(flow, "route_disabled"))
+                return
             readiness = Readiness(_CLIENT_READY)
             with reactor.watch(client_sock, readiness, Side.CLIENT):
                 server_sock = open_outgoing(
@@ -420,7 +493,8 @@ class Proxy:
                         # The flow's one cancel scope: the connect timeout is its deadline.
                         scope = nursery.cancel_scope
                         scope.deadline = started + plan.connect_timeout
-                        live = self._live[flow.id] = _LiveFlow(scope, ending, plan)
+                        live = _LiveFlow(flow, started, scope, ending, plan)
+                        self._live[flow.id] = live
                         try:
                             await connect_out(server_sock, flow.server, readiness)
                         except ConnectFailed as failure:  # here, not wrapped by the nursery
@@ -429,7 +503,7 @@ class Proxy:
                         scope.deadline = math.inf
                         emit(UpstreamConnected(flow, _since(started)))
                         live.ways = both_ways(client_sock, server_sock, readiness, self._shared)
-                        chains = plan.chains_for(flow)
+                        chains = live.chains = plan.chains_for(flow)
                         live.intercepted = any(chains.values())
                         for way in live.ways:
                             nursery.start_soon(
@@ -439,6 +513,7 @@ class Proxy:
                                 live,
                                 chains[way.direction],
                                 emit,
+                                self._live_chains,
                                 name=_RELAY_TASK,
                             )
                     if live.connecting and not ending.resetting:
@@ -537,17 +612,21 @@ class Proxy:
 
 
 async def relay_direction(
-    flow: Flow, way: Way, live: _LiveFlow, chain: Sequence[Interceptor], emit: EventSink
+    flow: Flow,
+    way: Way,
+    live: _LiveFlow,
+    chain: Sequence[Interceptor],
+    emit: EventSink,
+    live_chains: Mapping[str | None, Sequence[Interceptor]] = _NO_LIVE_CHAINS,
 ) -> None:
     """One direction, from its first byte to its end: relayed by the reactor, or through its
-    interceptor chain; then its EOF passed on as a FIN, or the flow reset."""
-    error = None
-    if chain:
-        end, error = await way.relay_intercepted(flow, chain)
-    else:
-        await way.readiness.pump(way)
-        assert way.end is not None
-        end = way.end
+    interceptors (the route's ``chain``, and those set on it live, in ``live_chains``),
+    moving between the two as the live ones come and go; then its EOF passed on as a FIN, or
+    the flow reset."""
+    try:
+        end, error = await _relay_until_over(flow, way, live, chain, live_chains)
+    finally:
+        way.release()
     ending = live.ending
     if ending.resetting:
         return  # decided already, by the other direction: no FIN goes out now
@@ -562,6 +641,33 @@ async def relay_direction(
         emit(InterceptorFailed(flow, way.direction, error))
     if ending.record(DirectionEnd(way.direction, end, error)):
         live.scope.cancel()
+
+
+async def _relay_until_over(
+    flow: Flow,
+    way: Way,
+    live: _LiveFlow,
+    chain: Sequence[Interceptor],
+    live_chains: Mapping[str | None, Sequence[Interceptor]],
+) -> tuple[EndKind, BaseException | None]:
+    route = live.plan.route
+
+    def live_now() -> tuple[Interceptor, ...]:
+        return way.picks(flow, live_chains.get(route, ()))
+
+    while True:
+        way.switching = False
+        if chain or (live_chains and live_now()):
+            live.intercepted = True
+            result = await way.relay_intercepted(flow, chain, live_now)
+            if result is not None:
+                return result
+            # Nothing intercepts it any more: back to the plain path.
+        else:
+            await way.readiness.pump(way)
+            if way.end is not None:
+                return way.end, None
+            # Live interceptors have come: onto the interceptor path.
 
 
 def close_flow(

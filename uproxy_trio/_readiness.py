@@ -186,6 +186,14 @@ class Readiness:
         finally:
             pump.detached()
 
+    def release(self, pump: Pump) -> None:
+        """Wake the task that handed the reactor ``pump``, as if its direction were over
+        (its pump must now say so when turned, in case it is not parked but queued)."""
+        for parked in self._parked:
+            if parked.pump is pump:
+                self._unpark(parked, outcome.Value(None))
+                return
+
     def notify(self, bits: int) -> bool:
         """Set ``bits`` (the reactor's job) and wake the tasks waiting for them; true if a
         pump should now run and the flow is not queued for that yet."""

@@ -1,0 +1,264 @@
+"""Interceptors set on a route while its flows run (Toxiproxy's toxics): how a direction takes
+them on and lets them go mid-stream, at a chunk boundary, without losing or reordering a byte.
+
+A direction running live interceptors reads its source through a ``LiveSegment``: a stack of
+stages, one per live interceptor, the newest nearest the source. Each stage runs its
+generator behind ``trio.as_safe_channel`` in a task of the segment's nursery, so that the
+stages come and go independently, and a stage's timers (a toxic that resets the flow after a
+while) run from when it reached the flow, whatever happens to the stages around it. The
+route's static interceptors, if any, read the segment's output as their source, and never
+notice a change below them.
+
+Every stage reads through a ``_Reader``, which can be pointed elsewhere and interrupted while
+it waits (a channel receive or a socket wait, both of which lose nothing when cancelled):
+
+* **adding** a stage puts it at the bottom: the reader that was reading the source now reads
+  the new stage, which reads the source;
+* **removing** a stage ends its input: its generator sees the end of its chunks and flushes
+  what it holds, then the reader above, on the stage's end, reads what the stage read.
+
+When the last live interceptor goes and the route has no static one, the segment ends with
+``switched`` set, and the direction goes back to the plain path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, cast
+
+import trio
+
+from ._flow import Direction, Flow
+from ._interceptor import Interceptor
+
+
+class Source(Protocol):
+    async def read(self) -> bytes | None:
+        """The next chunk, or ``None`` at the end; losing nothing if cancelled."""
+        ...
+
+
+class _StageOutput:
+    """What a stage yields, as the reader above it sees it."""
+
+    __slots__ = ("stage",)
+
+    def __init__(self, stage: _Stage) -> None:
+        self.stage = stage
+
+    async def read(self) -> bytes | None:
+        stage = self.stage
+        assert stage.output is not None
+        if not stage.finished.is_set():
+            try:
+                return await stage.output.receive()
+            except trio.EndOfChannel:
+                stage.finished.set()
+        # The generator is over. Only a clean end lets the stage's task set ``done`` (and close
+        # the channel); an error ends the segment's nursery first, and this wait with it.
+        await stage.done.wait()
+        return None
+
+
+class _Gated:
+    """The direction's source, closed while a change waits to be taken: a chunk that arrives
+    just after a change goes the new way, not the old."""
+
+    __slots__ = ("closed", "source")
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.closed: trio.Event | None = None
+
+    async def read(self) -> bytes | None:
+        while self.closed is not None:
+            await self.closed.wait()
+        return await self.source.read()
+
+    def close(self) -> None:
+        if self.closed is None:
+            self.closed = trio.Event()
+
+    def open(self) -> None:
+        closed, self.closed = self.closed, None
+        if closed is not None:
+            closed.set()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _Reader:
+    """Reads a source for a stage (or for the segment's output): can be pointed at another
+    source, told to end, or interrupted while it waits."""
+
+    __slots__ = ("below", "ending", "waiting")
+
+    def __init__(self, below: Source) -> None:
+        self.below = below
+        self.ending = False
+        self.waiting: trio.CancelScope | None = None
+
+    async def read(self) -> bytes | None:
+        """The next chunk; ``None`` at the end (or once told to end). Raises ``_Interrupted``
+        when interrupted, after which the caller may look again."""
+        while True:
+            if self.ending:
+                return None
+            below = self.below
+            with trio.CancelScope() as waiting:
+                self.waiting = waiting
+                data = await below.read()
+            self.waiting = None
+            if waiting.cancelled_caught:
+                raise _Interrupted
+            if data is None and isinstance(below, _StageOutput) and below.stage.removed:
+                # A stage taken away has flushed and ended: read what it was reading (the
+                # caller looks again first: the direction may be leaving the live path).
+                self.below = below.stage.reader.below
+                raise _Interrupted
+            return data
+
+    def interrupt(self) -> None:
+        if self.waiting is not None:
+            self.waiting.cancel()
+
+
+class _Inlet:
+    """A stage's ``chunks``: its reader, as the async iterator an interceptor takes."""
+
+    __slots__ = ("reader",)
+
+    def __init__(self, reader: _Reader) -> None:
+        self.reader = reader
+
+    def __aiter__(self) -> _Inlet:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            try:
+                data = await self.reader.read()
+            except _Interrupted:
+                continue  # re-pointed, or told to end: look again
+            if data is None:
+                raise StopAsyncIteration
+            return data
+
+
+class _Stage:
+    """One live interceptor running on one direction of one flow."""
+
+    __slots__ = ("done", "finished", "interceptor", "output", "reader", "removed")
+
+    def __init__(self, interceptor: Interceptor, below: Source) -> None:
+        self.interceptor = interceptor
+        self.reader = _Reader(below)
+        self.output: trio.abc.ReceiveChannel[bytes] | None = None
+        self.removed = False
+        self.finished = trio.Event()  # the reader above has seen its end
+        self.done = trio.Event()  # and its generator closed cleanly
+
+    async def run(
+        self, flow: Flow, direction: Direction, task_status: trio.TaskStatus[None]
+    ) -> None:
+        safe = trio.as_safe_channel(cast(Any, self.interceptor))
+        async with safe(flow, direction, _Inlet(self.reader)) as output:
+            self.output = output
+            task_status.started()
+            await self.finished.wait()
+        self.done.set()
+
+    def remove(self) -> None:
+        """End this stage's input: its generator flushes and ends."""
+        self.removed = True
+        self.reader.ending = True
+        self.reader.interrupt()
+
+
+class LiveSegment:
+    """A direction's live interceptors, between its source and its static chain (or sink).
+
+    ``wanted`` says which live interceptors the direction should run now (in the order they
+    were set); ``keep_going`` whether the direction stays on the interceptor path when none
+    is left (it has static interceptors).
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        direction: Direction,
+        source: Source,
+        wanted: Callable[[], Sequence[Interceptor]],
+        keep_going: bool,
+        nursery: trio.Nursery,
+    ) -> None:
+        self._flow = flow
+        self._direction = direction
+        self._source = source = _Gated(source)
+        self._wanted = wanted
+        self._keep_going = keep_going
+        self._nursery = nursery
+        self._stages: list[_Stage] = []  # nearest the source first
+        self._top = _Reader(source)
+        self._changed = True
+        self.switched = False
+        """The segment ended because nothing intercepts the direction any more, not at an EOF."""
+
+    def __aiter__(self) -> LiveSegment:
+        return self
+
+    def changed(self) -> None:
+        """The wanted interceptors may have changed: look at the next chunk boundary."""
+        self._changed = True
+        source = self._source
+        source.close()
+        self._top.interrupt()
+        for stage in self._stages:  # a reader waiting on the source goes back to the gate
+            if stage.reader.below is source:
+                stage.reader.interrupt()
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._changed:
+                self._changed = False
+                await self._reconcile()
+                self._source.open()
+            if self._going_plain():
+                self.switched = True
+                raise StopAsyncIteration
+            try:
+                data = await self._top.read()
+            except _Interrupted:
+                self._stages = [stage for stage in self._stages if not stage.done.is_set()]
+                continue
+            if data is None:
+                raise StopAsyncIteration
+            return data
+
+    def _going_plain(self) -> bool:
+        return not self._keep_going and self._top.below is self._source and not self._stages
+
+    async def _reconcile(self) -> None:
+        wanted = list(self._wanted())
+        running = [stage for stage in self._stages if not stage.removed]
+        for stage in running:
+            if stage.interceptor not in wanted:
+                stage.remove()
+        present = {id(stage.interceptor) for stage in running}
+        for interceptor in wanted:
+            if id(interceptor) not in present:
+                await self._add(interceptor)
+
+    async def _add(self, interceptor: Interceptor) -> None:
+        """Put a stage for ``interceptor`` between the source and whoever reads it now."""
+        source = self._source
+        stage = _Stage(interceptor, source)
+        await self._nursery.start(stage.run, self._flow, self._direction)
+        output = _StageOutput(stage)
+        for reader in (self._top, *(s.reader for s in self._stages)):
+            if reader.below is source:
+                reader.below = output
+                reader.interrupt()
+        self._stages.insert(0, stage)
