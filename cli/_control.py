@@ -18,9 +18,17 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from uproxy_trio import Address, Interceptor, Route, Routes, format_address, parse_address
+from uproxy_trio import (
+    Address,
+    FlowInfo,
+    Interceptor,
+    Route,
+    Routes,
+    format_address,
+    parse_address,
+)
 
-from ._core_pending import FlowInfo, Forward
+from ._core_pending import Forward
 
 LOGGER = logging.getLogger("uproxy.control")
 

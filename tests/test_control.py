@@ -26,14 +26,17 @@ from lab_tools import (
     connect,
     connect_expecting_reset,
     echo_server,
+    eventually,
     listen,
     listeners,
     recv_exactly,
+    recv_until_eof,
     send_all,
 )
 from toxiproxy import Toxiproxy  # type: ignore[import-untyped]
 
 from uproxy_netns import (
+    CLIENT_V4,
     PROXY_CLIENT_SIDE_V4,
     PROXY_CLIENT_SIDE_V6,
     PROXY_SERVER_SIDE_V4,
@@ -167,11 +170,12 @@ def test_bad_input_from_the_client_gets_toxiproxys_exceptions(
 
 
 async def test_flows_and_toxic_commands_against_a_running_serve(
-    inside_proxy: Lab, cli_proxy: CliProxy, tmp_path: Path
+    lab: Lab, cli_proxy: CliProxy, tmp_path: Path
 ) -> None:
-    lab = inside_proxy
+    config = tmp_path / "uproxy.toml"
+    config.write_text(SLOW_ROUTE.format(name="r"))
     control = f"unix:{tmp_path / 'control.sock'}"
-    cli_proxy.start("--control", control, "--forward", f"{FORWARD}=127.0.0.1:7000")
+    cli_proxy.start("--config", str(config), "--control", control)
     wait_for_control(lab, control)
     # Only the user who started the proxy may connect.
     assert stat.S_IMODE(os.stat(tmp_path / "control.sock").st_mode) == 0o600
@@ -181,37 +185,42 @@ async def test_flows_and_toxic_commands_against_a_running_serve(
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    async with echo_upstream(lab):
-        sock = await connect(lab.proxy, *host_port(FORWARD))
-        with sock, trio.fail_after(30):
+    async with trio.open_nursery() as nursery:
+        listener = await listen(lab.server, SERVER_V4, 9090)
+        await nursery.start(echo_server, listener)
+        with trio.fail_after(30), await connect(lab.client, SERVER_V4, 9090) as sock:
             await send_all(sock, b"hello")
             assert await recv_exactly(sock, 5) == b"hello"
             (flow,) = json.loads(uproxy("flows", "--json"))
-            assert flow["route"] == FORWARD
-            assert flow["client"] == f"127.0.0.1:{sock.getsockname()[1]}"
-            assert flow["server"] == "127.0.0.1:7000"
+            assert flow["route"] == "r"
+            assert flow["client"] == f"{CLIENT_V4}:{sock.getsockname()[1]}"
+            assert flow["server"] == f"{SERVER_V4}:9090"
             assert flow["bytes_client_to_server"] == flow["bytes_server_to_client"] == 5
             assert flow["interceptors"] == []
             header, row = uproxy("flows").splitlines()
-            assert header.split()[:4] == ["ID", "TRANSPORT", "CLIENT", "SERVER"]
-            assert row.split()[:2] == [str(flow["id"]), "tcp"]
+            assert header.split()[:5] == ["ID", "TRANSPORT", "CLIENT", "SERVER", "ROUTE"]
+            assert row.split()[:5] == [str(flow["id"]), "tcp", flow["client"], flow["server"], "r"]
 
             latency = ("-t", "latency", "-n", "slow", "-a", "latency=5")
-            added = uproxy("toxic", "add", *latency, FORWARD)
-            assert added.strip() == f"Added downstream latency toxic 'slow' on proxy '{FORWARD}'"
-            listed = uproxy("toxic", "list", FORWARD)
+            added = uproxy("toxic", "add", *latency, "r")
+            assert added.strip() == "Added downstream latency toxic 'slow' on proxy 'r'"
+            listed = uproxy("toxic", "list", "r")
             assert "slow  latency  downstream  toxicity=1.0  latency=5" in listed
             (flow,) = json.loads(uproxy("flows", "--json"))
             assert flow["interceptors"] == ["slow"]
-            uproxy("toxic", "update", "-n", "slow", "-a", "latency=60", FORWARD)
-            assert "latency=60" in uproxy("toxic", "list")
-            uproxy("toxic", "remove", "-n", "slow", FORWARD)
-            assert "no toxics" in uproxy("toxic", "list", FORWARD)
+            uproxy("toxic", "update", "-n", "slow", "-a", "latency=6", "r")
+            assert "latency=6" in uproxy("toxic", "list")
+            await send_all(sock, b"still")
+            assert await recv_exactly(sock, 5) == b"still"
+            uproxy("toxic", "remove", "-n", "slow", "r")
+            assert "no toxics" in uproxy("toxic", "list", "r")
 
             assert uproxy("flows", "kill", str(flow["id"])).strip() == f"flow {flow['id']} reset"
             with pytest.raises(ConnectionResetError):
-                await sock.recv(1)
-        assert uproxy("flows").strip() == "no flows in flight"
+                await recv_until_eof(sock)
+        nursery.cancel_scope.cancel()
+    await eventually(lambda: uproxy("flows").strip() == "no flows in flight")
+    assert "reason=reset_requested" in cli_proxy.log
 
 
 @pytest.mark.parametrize(

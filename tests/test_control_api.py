@@ -15,9 +15,9 @@ import trio
 
 from uproxy_cli._control import Control
 from uproxy_cli._control_app import control_app
-from uproxy_cli._core_pending import FlowInfo, Forward
+from uproxy_cli._core_pending import Forward
 from uproxy_cli._http import serve_http
-from uproxy_trio import Address, Direction, Flow, Interceptor, Route, Routes
+from uproxy_trio import Address, Direction, Flow, FlowInfo, Interceptor, Route, Routes
 
 
 class FakeProxy:
