@@ -255,6 +255,21 @@ def _run_workers(options: ServeOptions) -> int:
         return run_unwrapped(supervisor.run)
 
 
+async def _start_forward(proxy: ControlledProxy, forward: Forward) -> None:
+    try:
+        bound = await proxy.add_forward(forward)
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        listen = format_address(forward.listen)
+        raise CommandError(f"cannot listen on {listen} for --forward: {reason}") from None
+    LOGGER.info(
+        "forward %s: %s to %s",
+        forward.name,
+        format_address(bound),
+        format_address(forward.upstream),
+    )
+
+
 def raise_fd_limit() -> None:
     """Every flow costs two descriptors; the usual soft limit of 1024 would cap a proxy at
     about 500 flows although the hard limit allows far more."""
@@ -298,7 +313,7 @@ async def run_proxy(
 
             bound = await nursery.start(serve)
             for forward in forwards:
-                await cast(ControlledProxy, proxy).add_forward(forward)
+                await _start_forward(cast(ControlledProxy, proxy), forward)
             if control is not None:
                 where, calls = control
                 extra = [metrics_route(metrics.render)] if metrics is not None else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import statistics
 import time
@@ -380,3 +381,28 @@ async def test_forwards_and_the_api_need_no_capability_and_no_transparent_listen
             await send_all(sock, b"again")
             assert await recv_exactly(sock, 5) == b"again"
     assert cli_proxy.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("--control", "127.0.0.1:7001"),
+            "cannot serve the control API on 127.0.0.1:7001: address already in use",
+        ),
+        (
+            ("--forward", f"{FORWARD}=127.0.0.1:7000"),
+            f"cannot listen on {FORWARD} for --forward: address already in use",
+        ),
+    ],
+)
+def test_an_address_in_use_is_one_line_that_names_it(
+    lab: Lab, args: tuple[str, ...], message: str
+) -> None:
+    taken = lab.proxy.socket(socket.AF_INET)
+    with taken:
+        taken.bind(host_port(FORWARD))
+        taken.listen()
+        done = run_uproxy("serve", *args, namespace=lab.proxy, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"uproxy: error: {message}"]
