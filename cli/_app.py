@@ -30,6 +30,7 @@ from ._rules import rules
 from ._serve import SOURCE_PORTS, ServeOptions, run_serve
 from ._spec import load_interceptor
 from ._toxic_cmd import toxic_app
+from ._toxics import toxic_kit
 from ._workers import cpu_count
 
 app = typer.Typer(
@@ -272,6 +273,17 @@ def serve(
             "UPSTREAM, as a Toxiproxy proxy named LISTEN; repeat for more.",
         ),
     ] = None,
+    toxic_type: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--toxic-type",
+            metavar="SPEC",
+            envvar="UPROXY_TOXIC_TYPE",
+            help="path/to/file.py:name or package.module:name, a toxic type of your own (a "
+            "factory marked @uproxy_trio.toxics.toxic_type(NAME)) that the control API then "
+            "adds by NAME; repeat for more.",
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -389,6 +401,7 @@ def serve(
         control=control_at,
         forwards=tuple(forwards),
         seed=values["seed"],
+        toxics=given.checked("toxic_type", lambda specs: toxic_kit(specs or ())),
     )
     try:
         return run_serve(options)

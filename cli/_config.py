@@ -91,6 +91,7 @@ OPTIONS: Mapping[str, Callable[[object], object]] = {
     "control": _string,
     "forward": _strings,
     "seed": _integer,
+    "toxic_type": _strings,
     "log_level": _string,
     "log_format": _string,
 }

@@ -36,7 +36,7 @@ from ._http import HttpAddress, serve_http
 from ._logging import setup_logging
 from ._metrics import MULTIPROC_ENV, Metrics, in_multiprocess_mode, metrics_route, serve_metrics
 from ._privileges import Identity, drop_to
-from ._toxics import toxic_kit
+from ._toxics import ToxicKit, toxic_kit
 from ._workers import Supervisor, report_ready, worker_label
 
 LOGGER = logging.getLogger("uproxy")
@@ -97,6 +97,8 @@ class ServeOptions:
     forwards: tuple[Forward, ...] = ()
     """``--forward``'s and the config file's, checked for unique names."""
     seed: int | None = None
+    toxics: ToxicKit | None = None
+    """The toxic types the control API knows: Toxiproxy's and ``--toxic-type``'s."""
 
 
 def run_serve(options: ServeOptions) -> int:
@@ -142,11 +144,11 @@ def run_serve(options: ServeOptions) -> int:
     reload = None if reload_file is None else _ignore_result(reload_file)
     control = None
     if options.control is not None:
-        make_toxic, toxic_types = toxic_kit()
+        toxics = options.toxics or toxic_kit()
         control = Control(
             cast(ControlledProxy, proxy),
-            make_toxic,
-            toxic_types,
+            toxics.make,
+            toxics.types,
             seed=options.seed,
             reload=reload_file,
         )

@@ -1,5 +1,6 @@
-"""Where the control API gets its toxics: ``uproxy_trio.toxics`` (``make_toxic`` and the
-``TOXICS`` registry).
+"""Where the control API gets its toxics: ``uproxy_trio.toxics`` (``make_toxic``, the
+``TOXICS`` registry) and the user's own toxic types, ``--toxic-type SPEC`` (a factory marked
+``@uproxy_trio.toxics.toxic_type(name)``, loaded as ``--interceptor`` loads its SPECs).
 
 Until that module lands (it is built on a branch of its own), a stand-in with Toxiproxy's
 ``latency`` alone keeps the API usable; it goes when the module is there.
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import random
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -17,16 +20,36 @@ import trio
 from uproxy_trio import Direction, Flow, Interceptor, directions
 
 from ._control import MakeToxic
+from ._spec import load_named
 
 
-def toxic_kit() -> tuple[MakeToxic, Collection[str]]:
-    """``make_toxic`` and the toxic types it knows."""
+@dataclass(frozen=True)
+class ToxicKit:
+    """``make_toxic`` bound to a registry, and the names of the types in it."""
+
+    make: MakeToxic
+    types: tuple[str, ...]
+
+
+def toxic_kit(specs: Sequence[str] = ()) -> ToxicKit:
+    """Toxiproxy's toxic types and the ones ``specs`` name; ``ValueError`` in one line for a
+    SPEC that does not load or is not a toxic type, or a type name taken twice."""
     try:
-        module = importlib.import_module("uproxy_trio.toxics")
+        module: Any = importlib.import_module("uproxy_trio.toxics")
     except ModuleNotFoundError:
-        return _standin_make_toxic, ("latency",)
-    make_toxic: MakeToxic = module.make_toxic
-    return make_toxic, tuple(module.TOXICS)
+        if specs:
+            raise ValueError("toxic types of your own need uproxy_trio.toxics") from None
+        return ToxicKit(_standin_make_toxic, ("latency",))
+    factories = []
+    for spec in specs:
+        factory = load_named(spec)
+        if module.toxic_type_name(factory) is None:
+            raise ValueError(
+                f"{spec!r} is not a toxic type (mark it @uproxy_trio.toxics.toxic_type(name))"
+            )
+        factories.append(factory)
+    registry = module.toxic_types(*factories)
+    return ToxicKit(partial(module.make_toxic, types=registry), tuple(registry))
 
 
 def _standin_make_toxic(
