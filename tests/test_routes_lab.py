@@ -262,3 +262,35 @@ async def test_bytes_of_a_routed_flow_arrive_whole(inside_proxy: Lab) -> None:
         nursery.cancel_scope.cancel()
     assert len(seen) > 2
     assert set(seen) == {1}
+
+
+async def test_live_interceptors_reach_a_routes_flows_in_flight_and_no_other(
+    inside_proxy: Lab,
+) -> None:
+    lab, events = inside_proxy, EventLog()
+    routes = Routes([Route("watched", port=9090), Route("other", port=9091)])
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+        proxy = await start_proxy(nursery, events, routes=routes)
+        with trio.fail_after(10):
+            pairs = []
+            for port in (9090, 9091):
+                listener = stack.enter_context(await listen(lab.server, SERVER_V4, port))
+                client = stack.enter_context(await connect(lab.client, SERVER_V4, port))
+                server = stack.enter_context((await listener.accept())[0])
+                pairs.append((client, server))
+            watched, other = pairs
+            await round_trip(*watched)
+            proxy.set_live_interceptors("watched", [label("live")])
+            await round_trip(*watched, b"live\n")
+            await round_trip(*other)
+            infos = {info.route: info for info in proxy.flows()}
+            assert infos["watched"].interceptors == ("add_label",)
+            assert infos["other"].interceptors == ()
+            # The flow is transparent, as the client and the server see it.
+            assert infos["watched"].flow.client == watched[0].getsockname()
+            assert infos["watched"].flow.server == (SERVER_V4, 9090)
+            assert infos["watched"].bytes_client_to_server == 4 + 9
+            proxy.set_live_interceptors("watched", [])
+            await round_trip(*watched)
+            assert proxy.flows()[0].interceptors == ()
+        nursery.cancel_scope.cancel()

@@ -18,6 +18,7 @@ from ._events import (
     log_event,
 )
 from ._flow import Direction, Flow, FlowInfo
+from ._forward import Forward
 from ._interceptor import Interceptor, directions, for_flows, in_own_task, interceptor_factory
 from ._proxy import DEFAULT_CONNECT_TIMEOUT_S, Proxy, serve
 from ._routes import Route, Routes
@@ -37,6 +38,7 @@ __all__ = [
     "FlowInfo",
     "FlowOpened",
     "FlowRefused",
+    "Forward",
     "HalfClosed",
     "Interceptor",
     "InterceptorFailed",

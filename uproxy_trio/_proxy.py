@@ -22,6 +22,7 @@ trip through the scheduler.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import math
@@ -48,6 +49,7 @@ from ._events import (
     log_event,
 )
 from ._flow import Direction, Flow, FlowInfo
+from ._forward import Forward, open_forward_listener, open_upstream
 from ._interceptor import Interceptor, chain_for, picks_flows, wants
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._routes import Route, Routes
@@ -182,6 +184,32 @@ class _LiveFlow:
             self.scope.cancel()
 
 
+class _ForwardRun:
+    """A forward listener while it runs."""
+
+    __slots__ = ("address", "forward", "listener", "plan", "scope")
+
+    def __init__(
+        self, forward: Forward, address: Address, plan: _Plan, listener: socket.socket
+    ) -> None:
+        self.forward = forward
+        self.address = address
+        self.plan = plan
+        self.listener = listener
+        self.scope = trio.CancelScope()
+
+
+class _Serving:
+    """What ``serve`` runs the flows in, for forward listeners started while it runs."""
+
+    __slots__ = ("acceptors", "flows", "reactor")
+
+    def __init__(self, reactor: Reactor, flows: trio.Nursery, acceptors: trio.Nursery) -> None:
+        self.reactor = reactor
+        self.flows = flows
+        self.acceptors = acceptors
+
+
 class Proxy:
     """A transparent proxy: its options, its listeners, and the flows it has in flight.
 
@@ -190,7 +218,12 @@ class Proxy:
 
     ``routes`` say what happens to the flows they take (``set_routes`` replaces them while
     the proxy runs); ``interceptors`` and the timeouts are for the flows no route takes, and
-    the timeouts also for a route that leaves its own unset.
+    the timeouts also for a route that leaves its own unset. ``forwards`` are plain listeners
+    started beside the transparent ones (``add_forward`` starts more while it runs).
+
+    While it runs, a route's interceptors can be changed for its flows in flight too
+    (``set_live_interceptors``: Toxiproxy's toxics), a route disabled (``set_enabled``), and
+    the flows listed (``flows``) and reset one by one (``reset_flow``).
     """
 
     def __init__(
@@ -203,6 +236,7 @@ class Proxy:
         max_flows: int | None = None,
         reuse_port: bool = False,
         source_port: str = "keep",
+        forwards: Sequence[Forward] = (),
         on_event: EventSink = log_event,
     ) -> None:
         if max_flows is not None and max_flows < 1:
@@ -236,6 +270,9 @@ class Proxy:
         # Interceptors set on a route (a name; None: the flows no route takes) while it runs.
         self._live_chains: dict[str | None, tuple[Interceptor, ...]] = {}
         self._disabled: set[str] = set()
+        self._initial_forwards = tuple(forwards)
+        self._forwards: dict[str, _ForwardRun] = {}
+        self._serving: _Serving | None = None
         self.set_routes(routes)
 
     def set_routes(self, routes: Routes | None) -> None:
@@ -376,14 +413,72 @@ class Proxy:
                                     acceptors.start_soon(
                                         self._accept_loop, listener, reactor, flows
                                     )
+                                self._serving = _Serving(reactor, flows, acceptors)
+                                for forward in self._initial_forwards:
+                                    await self.add_forward(forward)
                                 task_status.started(self.addresses)
+                                # Until ``drain``: forward listeners may come later.
+                                await trio.sleep_forever()
                         # Draining: close the listeners at once, so new flows are no longer
                         # taken (the kernel refuses them), while the flows in flight go on.
+                        self._serving = None
                         listeners_open.close()
+                        for run in self._forwards.values():
+                            _close(run.listener)
                     services.cancel_scope.cancel()
         finally:
             if self._pipes is not None:
                 self._pipes.close()
+
+    @property
+    def forwards(self) -> dict[str, tuple[Forward, Address]]:
+        """The forward listeners running now, by name: each with its bound address."""
+        return {name: (run.forward, run.address) for name, run in self._forwards.items()}
+
+    async def add_forward(self, forward: Forward) -> Address:
+        """Start a forward listener while the proxy serves; its bound address.
+
+        ``ValueError`` if its name is taken (by a forward or a route), ``OSError`` if it
+        cannot listen.
+        """
+        serving = self._serving
+        if serving is None:
+            raise RuntimeError("the proxy is not serving")
+        routes = self.routes
+        if forward.name in self._forwards or (
+            routes is not None and any(route.name == forward.name for route in routes)
+        ):
+            raise ValueError(f"{forward.name!r} is taken")
+        listener = open_forward_listener(forward.listen)
+        address = from_sockaddr(listener.getsockname())
+        plan = _Plan(
+            forward.name,
+            forward.interceptors,
+            self._default.connect_timeout,
+            self._default.idle_timeout,
+        )
+        run = _ForwardRun(forward, address, plan, listener)
+        self._forwards[forward.name] = run
+        LOGGER.info(
+            "forwarding %s to %s", format_address(address), format_address(forward.upstream)
+        )
+        serving.acceptors.start_soon(self._accept_forward, run, serving)
+        await trio.lowlevel.checkpoint()
+        return address
+
+    async def remove_forward(self, name: str) -> None:
+        """Stop a forward listener and reset its flows in flight; ``KeyError`` if unknown."""
+        run = self._forwards.pop(name)
+        run.scope.cancel()
+        _close(run.listener)
+        for live in list(self._live.values()):
+            if live.plan.route == name:
+                live.stop(Stop.CANCELLED)
+        await trio.lowlevel.checkpoint()
+
+    async def _accept_forward(self, run: _ForwardRun, serving: _Serving) -> None:
+        with run.scope:
+            await self._accept_loop(run.listener, serving.reactor, serving.flows, run)
 
     async def drain(self, grace: float) -> int:
         """Stop taking flows, give those in flight ``grace`` seconds, then reset the rest.
@@ -406,7 +501,11 @@ class Proxy:
         return remaining
 
     async def _accept_loop(
-        self, listener: socket.socket, reactor: Reactor, flows: trio.Nursery
+        self,
+        listener: socket.socket,
+        reactor: Reactor,
+        flows: trio.Nursery,
+        forward: _ForwardRun | None = None,
     ) -> None:
         while True:
             # Wait for a connection before taking a slot, so an idle listener never holds
@@ -447,7 +546,11 @@ class Proxy:
                     flow = Flow(
                         next(self._flow_ids),
                         client=from_sockaddr(client_address),
-                        server=from_sockaddr(client_sock.getsockname()),
+                        server=(
+                            from_sockaddr(client_sock.getsockname())
+                            if forward is None
+                            else forward.forward.upstream
+                        ),
                     )
                 except OSError:
                     # The client reset before we looked: nothing to relay, nobody to tell.
@@ -455,14 +558,23 @@ class Proxy:
                     self._release_slot()
                     continue
                 self._active += 1
-                flows.start_soon(self._run_flow, reactor, flow, client_sock, name=_FLOW_TASK)
+                flows.start_soon(
+                    self._run_flow, reactor, flow, client_sock, forward, name=_FLOW_TASK
+                )
 
     def _release_slot(self) -> None:
         if self._slots is not None:
             self._slots.release()
 
-    async def _run_flow(self, reactor: Reactor, flow: Flow, client_sock: socket.socket) -> None:
-        """One accepted connection, from accept to close."""
+    async def _run_flow(
+        self,
+        reactor: Reactor,
+        flow: Flow,
+        client_sock: socket.socket,
+        forward: _ForwardRun | None = None,
+    ) -> None:
+        """One accepted connection, from accept to close (``forward``: taken by a forward
+        listener, connecting to its upstream rather than transparently)."""
         emit, started = self._emit, trio.current_time()
         emit(FlowOpened(flow))
         ending = FlowEnding()
@@ -473,8 +585,8 @@ class Proxy:
             # Chosen once, here: from now on the flow keeps this plan, whatever set_routes
             # does. (Nothing awaits between this and the flow's entry in ``_live``, so that a
             # sweep woken by set_routes finds the flow and its idle timeout.)
-            plan = self._plan(flow)
-            if is_own_listener(flow.server, self._listening):
+            plan = self._plan(flow) if forward is None else forward.plan
+            if forward is None and is_own_listener(flow.server, self._listening):
                 # Connecting out would reach our own listener, which would connect out again...
                 ending.refuse("self_loop")
                 emit(FlowRefused(flow, "self_loop"))
@@ -485,8 +597,10 @@ class Proxy:
                 return
             readiness = Readiness(_CLIENT_READY)
             with reactor.watch(client_sock, readiness, Side.CLIENT):
-                server_sock = open_outgoing(
-                    flow.client, client_sock.family, keep_port=self._keep_port
+                server_sock = (
+                    open_outgoing(flow.client, client_sock.family, keep_port=self._keep_port)
+                    if forward is None
+                    else open_upstream(flow.server)
                 )
                 with reactor.watch(server_sock, readiness, Side.SERVER):
                     async with trio.open_nursery() as nursery:
@@ -623,8 +737,23 @@ async def relay_direction(
     interceptors (the route's ``chain``, and those set on it live, in ``live_chains``),
     moving between the two as the live ones come and go; then its EOF passed on as a FIN, or
     the flow reset."""
+    # One frame, no closure, for a direction that stays plain: thousands of idle flows each
+    # keep two of these parked.
+    end: EndKind | None = None
+    error: BaseException | None = None
     try:
-        end, error = await _relay_until_over(flow, way, live, chain, live_chains)
+        while end is None:
+            way.switching = False
+            if chain or (live_chains and _live_now(flow, way, live, live_chains)):
+                live.intercepted = True
+                wanted = functools.partial(_live_now, flow, way, live, live_chains)
+                result = await way.relay_intercepted(flow, chain, wanted)
+                if result is not None:
+                    end, error = result
+                # else nothing intercepts it any more: back to the plain path.
+            else:
+                await way.readiness.pump(way)
+                end = way.end  # None: live interceptors have come, onto the interceptor path
     finally:
         way.release()
     ending = live.ending
@@ -643,31 +772,14 @@ async def relay_direction(
         live.scope.cancel()
 
 
-async def _relay_until_over(
+def _live_now(
     flow: Flow,
     way: Way,
     live: _LiveFlow,
-    chain: Sequence[Interceptor],
     live_chains: Mapping[str | None, Sequence[Interceptor]],
-) -> tuple[EndKind, BaseException | None]:
-    route = live.plan.route
-
-    def live_now() -> tuple[Interceptor, ...]:
-        return way.picks(flow, live_chains.get(route, ()))
-
-    while True:
-        way.switching = False
-        if chain or (live_chains and live_now()):
-            live.intercepted = True
-            result = await way.relay_intercepted(flow, chain, live_now)
-            if result is not None:
-                return result
-            # Nothing intercepts it any more: back to the plain path.
-        else:
-            await way.readiness.pump(way)
-            if way.end is not None:
-                return way.end, None
-            # Live interceptors have come: onto the interceptor path.
+) -> tuple[Interceptor, ...]:
+    """The live interceptors ``way`` runs now: those set on its route that pick it."""
+    return way.picks(flow, live_chains.get(live.plan.route, ()))
 
 
 def close_flow(
@@ -690,6 +802,7 @@ async def serve(
     idle_timeout: float | None = None,
     max_flows: int | None = None,
     source_port: str = "keep",
+    forwards: Sequence[Forward] = (),
     on_event: EventSink = log_event,
     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -705,6 +818,7 @@ async def serve(
         idle_timeout=idle_timeout,
         max_flows=max_flows,
         source_port=source_port,
+        forwards=forwards,
         on_event=on_event,
     )
     await proxy.serve(listen, task_status=task_status)
