@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uproxy_trio import Route, Routes
+from uproxy_trio import Forward, Route, Routes
 
-from ._core_pending import Forward
 from ._forwards import parse_forward
 from ._spec import SpecError, load_interceptor
 

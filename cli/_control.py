@@ -15,20 +15,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from uproxy_trio import (
     Address,
     FlowInfo,
+    Forward,
     Interceptor,
     Route,
     Routes,
     format_address,
     parse_address,
 )
-
-from ._core_pending import Forward
 
 LOGGER = logging.getLogger("uproxy.control")
 
@@ -207,8 +206,14 @@ class Control:
             if name not in self._proxy.forwards:
                 raise ApiError(400, f"{name} is a route: its listen and upstream are the config's")
             forward = Forward(name, _address(listen, "listen"), _address(upstream, "upstream"))
+            old, bound = self._proxy.forwards[name]
             await self._proxy.remove_forward(name)
-            await self._add_forward(forward)
+            try:
+                await self._add_forward(forward)
+            except ApiError:
+                # The old listener comes back where it was, so a refused change changes nothing.
+                await self._proxy.add_forward(replace(old, listen=bound))
+                raise
             self._push(name)
             if not current["enabled"]:
                 self._proxy.set_enabled(name, False)
@@ -221,11 +226,13 @@ class Control:
         """A forward stops listening and its flows are reset; a route leaves the table, and
         its flows in flight lose their toxics."""
         self.proxy(name)  # 404 if unknown
+        # The core keeps live chains and ``enabled`` by name: a proxy made later under this
+        # name must not inherit them.
+        self._proxy.set_live_interceptors(name, [])
+        self._proxy.set_enabled(name, True)
         if name in self._proxy.forwards:
             await self._proxy.remove_forward(name)
         else:
-            self._proxy.set_live_interceptors(name, [])
-            self._proxy.set_enabled(name, True)
             routes = self._proxy.routes or Routes()
             self._proxy.set_routes(Routes(r for r in routes if r.name != name))
         self._states.pop(name, None)
@@ -388,10 +395,9 @@ class Control:
         try:
             await self._proxy.add_forward(forward)
         except OSError as exc:
-            # Toxiproxy answers a listener that cannot bind with a 500 and the reason.
-            reason = exc.strerror or str(exc)
-            listen = format_address(forward.listen)
-            raise ApiError(500, f"listen tcp {listen}: bind: {reason.lower()}") from None
+            # Toxiproxy answers a listener that cannot bind with a 500 and the reason; the
+            # core's says where ("cannot listen on 127.0.0.1:6379: address already in use").
+            raise ApiError(500, exc.strerror or str(exc)) from None
         except ValueError as exc:
             raise ApiError(409, str(exc)) from None
 

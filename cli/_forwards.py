@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from uproxy_trio import Interceptor, parse_address
-
-from ._core_pending import Forward
+from uproxy_trio import Forward, Interceptor, parse_address
 
 USAGE = "expected LISTEN=UPSTREAM, as 127.0.0.1:26379=127.0.0.1:6379"
 

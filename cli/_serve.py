@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVarTuple, cast
+from typing import TypeVarTuple
 
 import trio
 
@@ -21,6 +21,7 @@ from uproxy_trio import (
     Address,
     EventSink,
     FlowEvent,
+    Forward,
     Interceptor,
     Proxy,
     format_address,
@@ -28,9 +29,8 @@ from uproxy_trio import (
 )
 
 from ._config import ConfigError, ConfigFile, read_config
-from ._control import ApiError, Control, ControlledProxy
+from ._control import ApiError, Control
 from ._control_app import control_app
-from ._core_pending import Forward
 from ._errors import CommandError
 from ._http import HttpAddress, serve_http
 from ._logging import setup_logging
@@ -121,6 +121,7 @@ def run_serve(options: ServeOptions) -> int:
         max_flows=options.max_flows,
         reuse_port=worker is not None,
         source_port=options.source_port,
+        forwards=options.forwards,
         on_event=log_event if metrics is None else _both(log_event, metrics.on_event),
     )
 
@@ -146,7 +147,7 @@ def run_serve(options: ServeOptions) -> int:
     if options.control is not None:
         toxics = options.toxics or toxic_kit()
         control = Control(
-            cast(ControlledProxy, proxy),
+            proxy,
             toxics.make,
             toxics.types,
             seed=options.seed,
@@ -163,7 +164,6 @@ def run_serve(options: ServeOptions) -> int:
         metrics,
         serve_at,
         reload,
-        options.forwards,
         None if control is None or options.control is None else (options.control, control),
     )
 
@@ -257,21 +257,6 @@ def _run_workers(options: ServeOptions) -> int:
         return run_unwrapped(supervisor.run)
 
 
-async def _start_forward(proxy: ControlledProxy, forward: Forward) -> None:
-    try:
-        bound = await proxy.add_forward(forward)
-    except OSError as exc:
-        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        listen = format_address(forward.listen)
-        raise CommandError(f"cannot listen on {listen} for --forward: {reason}") from None
-    LOGGER.info(
-        "forward %s: %s to %s",
-        forward.name,
-        format_address(bound),
-        format_address(forward.upstream),
-    )
-
-
 def raise_fd_limit() -> None:
     """Every flow costs two descriptors; the usual soft limit of 1024 would cap a proxy at
     about 500 flows although the hard limit allows far more."""
@@ -289,7 +274,6 @@ async def run_proxy(
     metrics: Metrics | None,
     metrics_address: Address | None,
     reload: Callable[[], None] | None = None,
-    forwards: Sequence[Forward] = (),
     control: tuple[HttpAddress, Control] | None = None,
 ) -> int:
     """Serve until SIGINT or SIGTERM, then drain: no new flows, ``grace`` seconds for those in
@@ -314,8 +298,6 @@ async def run_proxy(
                 nursery.cancel_scope.cancel()  # drained: the helpers above are done too
 
             bound = await nursery.start(serve)
-            for forward in forwards:
-                await _start_forward(cast(ControlledProxy, proxy), forward)
             if control is not None:
                 where, calls = control
                 extra = [metrics_route(metrics.render)] if metrics is not None else []

@@ -392,7 +392,7 @@ async def test_forwards_and_the_api_need_no_capability_and_no_transparent_listen
         ),
         (
             ("--forward", f"{FORWARD}=127.0.0.1:7000"),
-            f"cannot listen on {FORWARD} for --forward: address already in use",
+            f"cannot listen on {FORWARD}: address already in use",
         ),
     ],
 )

@@ -15,9 +15,8 @@ import trio
 
 from uproxy_cli._control import Control
 from uproxy_cli._control_app import control_app
-from uproxy_cli._core_pending import Forward
 from uproxy_cli._http import serve_http
-from uproxy_trio import Address, Direction, Flow, FlowInfo, Interceptor, Route, Routes
+from uproxy_trio import Address, Direction, Flow, FlowInfo, Forward, Interceptor, Route, Routes
 
 
 class FakeProxy:
@@ -39,7 +38,7 @@ class FakeProxy:
 
     async def add_forward(self, forward: Forward) -> Address:
         if forward.listen[1] == 1:
-            raise OSError(13, "Permission denied")
+            raise OSError(13, "cannot listen on 127.0.0.1:1: permission denied")
         port = forward.listen[1] or self.next_port
         self.forwards[forward.name] = (forward, (forward.listen[0], port))
         return self.forwards[forward.name][1]
@@ -229,7 +228,7 @@ async def test_flows_are_listed_and_one_is_reset(
             "/proxies",
             {"name": "x", "listen": "127.0.0.1:1", "upstream": "127.0.0.1:2"},
             500,
-            "listen tcp 127.0.0.1:1: bind: permission denied",
+            "cannot listen on 127.0.0.1:1: permission denied",
         ),
         ("GET", "/proxies/nope", None, 404, "proxy not found"),
         ("DELETE", "/proxies/nope", None, 404, "proxy not found"),
