@@ -12,7 +12,7 @@ from cli_tools import run_uproxy
 
 from uproxy_cli._app import app
 from uproxy_cli._config import OPTIONS, ConfigError, read_config
-from uproxy_trio import Route
+from uproxy_trio import Forward, Route
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,3 +189,11 @@ def test_read_config_raises_one_error_that_names_the_file(tmp_path: Path) -> Non
     path = written(tmp_path, '[[routes]]\nname = "a"\nport = "9-1"\n')
     with pytest.raises(ConfigError, match=r"uproxy\.toml: \[\[routes\]\] #1 'a': port: '9-1'"):
         read_config(path)
+
+
+def test_the_readmes_forward_table_reads_as_a_named_forward(tmp_path: Path) -> None:
+    section = (ROOT / "README.md").read_text().split("## Faults on live flows")[1]
+    (text,) = re.findall(r"```toml\n(.*?)```", section.split("\n## ")[0], re.DOTALL)
+    config = read_config(written(tmp_path, text))
+    assert config.options == {"control": "127.0.0.1:8474"}
+    assert config.forwards == (Forward("redis", ("127.0.0.1", 26379), ("127.0.0.1", 6379)),)
