@@ -7,10 +7,12 @@ import random
 import socket
 from collections.abc import AsyncIterator
 
+import pytest
 import trio
 from relay_tools import loopback_flows, pattern, relayed, write_all
 
-from uproxy_trio import Direction, Flow, Interceptor, for_flows, in_own_task
+from uproxy_trio import Direction, Flow, Interceptor, ResetFlow, for_flows, in_own_task
+from uproxy_trio._ending import EndKind
 
 
 class Counting:
@@ -222,3 +224,43 @@ async def test_for_flows_on_a_live_interceptor_is_asked_once_per_flow_and_direct
                 await write_all(flow.client, b"x")
                 assert await recv_some(flow.server, 1) == b"x"
     assert len(asked) == 2
+
+
+async def reset_on_x(
+    flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        if b"x" in chunk:
+            raise ResetFlow
+        yield chunk
+
+
+async def fail_on_x(
+    flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        if b"x" in chunk:
+            raise ValueError("x marks the spot")
+        yield chunk
+
+
+@pytest.mark.parametrize(
+    ("interceptor", "kind"),
+    [(reset_on_x, EndKind.INTERCEPTOR_RESET), (fail_on_x, EndKind.INTERCEPTOR_FAILED)],
+)
+async def test_a_live_interceptor_ends_its_flow_as_a_static_one_would(
+    interceptor: Interceptor, kind: EndKind
+) -> None:
+    live: dict[str | None, tuple[Interceptor, ...]] = {None: (interceptor,)}
+    with loopback_flows(1) as (flow,), trio.fail_after(10):
+        async with relayed(flow, live_chains=live):
+            flow.changed()
+            await write_all(flow.client, b"fine")
+            assert await recv_some(flow.server, 4) == b"fine"
+            await write_all(flow.client, b"x")
+            await flow.done.wait()
+    (end,) = flow.ending.ends
+    assert end.kind is kind
+    if kind is EndKind.INTERCEPTOR_FAILED:
+        # The interceptor's own exception, not the task group around the live stage.
+        assert isinstance(end.error, ValueError)
