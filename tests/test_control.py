@@ -406,3 +406,44 @@ def test_an_address_in_use_is_one_line_that_names_it(
         done = run_uproxy("serve", *args, namespace=lab.proxy, timeout=60)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [f"uproxy: error: {message}"]
+
+
+SHOUT = """
+from uproxy_trio.toxics import toxic_type
+
+
+@toxic_type("shout")
+def shout():
+    async def shouting(flow, direction, chunks):
+        async for chunk in chunks:
+            yield chunk.upper()
+
+    return shouting
+"""
+
+
+async def test_a_toxic_type_of_ones_own_is_added_by_name(
+    inside_proxy: Lab, cli_proxy: CliProxy, tmp_path: Path
+) -> None:
+    pytest.importorskip("uproxy_trio.toxics", reason="the toxic types are in uproxy_trio.toxics")
+    lab = inside_proxy
+    (tmp_path / "my_toxics.py").write_text(SHOUT)
+    forward = ("--forward", f"{FORWARD}=127.0.0.1:7000")
+    own = ("--toxic-type", f"{tmp_path}/my_toxics.py:shout")
+    cli_proxy.start("--control", CONTROL, *forward, *own)
+    wait_for_control(lab)
+    async with echo_upstream(lab):
+        with trio.fail_after(20), await connect(lab.proxy, *host_port(FORWARD)) as sock:
+            await send_all(sock, b"quiet")
+            assert await recv_exactly(sock, 5) == b"quiet"
+            added = api(lab, "POST", f"/proxies/{FORWARD}/toxics", {"type": "shout"})
+            assert added.json()["name"] == "shout_downstream"
+            await send_all(sock, b"quiet")
+            assert await recv_exactly(sock, 5) == b"QUIET"
+
+
+def test_a_toxic_type_spec_that_is_not_one_is_a_usage_error(lab: Lab, cli_proxy: CliProxy) -> None:
+    pytest.importorskip("uproxy_trio.toxics", reason="the toxic types are in uproxy_trio.toxics")
+    with pytest.raises(AssertionError, match="exited 2"):
+        cli_proxy.start("--control", CONTROL, "--toxic-type", "uproxy_trio.interceptors:label")
+    assert "is not a toxic type (mark it @uproxy_trio.toxics.toxic_type(name))" in cli_proxy.log
