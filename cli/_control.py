@@ -59,7 +59,6 @@ PROXY_EXISTS = ApiError(409, "proxy already exists")
 TOXIC_NOT_FOUND = ApiError(404, "toxic not found")
 TOXIC_EXISTS = ApiError(409, "toxic already exists")
 INVALID_STREAM = ApiError(400, "stream was invalid, can be either upstream or downstream")
-INVALID_TOXIC_TYPE = ApiError(400, "invalid toxic type")
 
 
 class MakeToxic(Protocol):
@@ -191,7 +190,7 @@ class Control:
         self._states[name] = _State(enabled=enabled)
         if not enabled:
             self._proxy.set_enabled(name, False)
-        LOGGER.info("control: forward %s from %s to %s", name, listen, upstream)
+        LOGGER.info("forward %s from %s to %s", name, listen, upstream)
         return self.proxy(name)
 
     async def update_proxy(self, name: str, body: object) -> Json:
@@ -236,7 +235,7 @@ class Control:
             routes = self._proxy.routes or Routes()
             self._proxy.set_routes(Routes(r for r in routes if r.name != name))
         self._states.pop(name, None)
-        LOGGER.info("control: proxy %s deleted", name)
+        LOGGER.info("proxy %s deleted", name)
 
     async def populate(self, body: object) -> list[Json]:
         """Toxiproxy's ``POST /populate``: create each proxy, replacing a forward of the same
@@ -272,7 +271,7 @@ class Control:
             if not state.enabled:
                 state.enabled = True
                 self._proxy.set_enabled(name, True)
-        LOGGER.info("control: reset, every toxic removed")
+        LOGGER.info("reset: every proxy enabled, every toxic removed")
 
     # -- toxics --------------------------------------------------------------------------
 
@@ -291,7 +290,9 @@ class Control:
             raise INVALID_STREAM
         kind = fields.get("type")
         if not isinstance(kind, str) or kind not in self._toxic_types:
-            raise INVALID_TOXIC_TYPE
+            known = ", ".join(sorted(self._toxic_types))
+            # Toxiproxy's words first, which its clients may look for; then the types there are.
+            raise ApiError(400, f"invalid toxic type: {kind!r} (known: {known})")
         toxic_name = fields.get("name") or f"{kind}_{stream}"
         if not isinstance(toxic_name, str):
             raise bad_body("name: not a string")
@@ -307,7 +308,7 @@ class Control:
         )
         state.toxics.append(toxic)
         self._push(name)
-        LOGGER.info("control: toxic %s (%s, %s) on %s", toxic_name, kind, stream, name)
+        LOGGER.info("toxic %s (%s, %s) on %s", toxic_name, kind, stream, name)
         return toxic.as_json()
 
     def update_toxic(self, name: str, toxic_name: str, body: object) -> Json:
@@ -327,7 +328,7 @@ class Control:
         old = self._find(name, toxic_name)
         self._state(name).toxics.remove(old)
         self._push(name)
-        LOGGER.info("control: toxic %s removed from %s", toxic_name, name)
+        LOGGER.info("toxic %s removed from %s", toxic_name, name)
 
     # -- native --------------------------------------------------------------------------
 

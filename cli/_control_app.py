@@ -43,7 +43,7 @@ def control_app(control: Control, extra: list[Route] | None = None) -> Starlette
             except ApiError as refused:
                 return _error(refused)
             except Exception:
-                LOGGER.exception("control: %s %s failed", request.method, request.url.path)
+                LOGGER.exception("control API: %s %s failed", request.method, request.url.path)
                 return _error(ApiError(500, "internal error (see the proxy's log)"))
 
         return endpoint

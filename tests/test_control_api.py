@@ -233,7 +233,13 @@ async def test_flows_are_listed_and_one_is_reset(
         ("GET", "/proxies/nope", None, 404, "proxy not found"),
         ("DELETE", "/proxies/nope", None, 404, "proxy not found"),
         ("POST", "/proxies/nope/toxics", {"type": "latency"}, 404, "proxy not found"),
-        ("POST", "/proxies/slow-db/toxics", {"type": "lag"}, 400, "invalid toxic type"),
+        (
+            "POST",
+            "/proxies/slow-db/toxics",
+            {"type": "lag"},
+            400,
+            "invalid toxic type: 'lag' (known: latency)",
+        ),
         ("POST", "/proxies/slow-db/toxics", {}, 400, "invalid toxic type"),
         (
             "POST",
