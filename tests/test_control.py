@@ -447,3 +447,17 @@ def test_a_toxic_type_spec_that_is_not_one_is_a_usage_error(lab: Lab, cli_proxy:
     with pytest.raises(AssertionError, match="exited 2"):
         cli_proxy.start("--control", CONTROL, "--toxic-type", "uproxy_trio.interceptors:label")
     assert "is not a toxic type (mark it @uproxy_trio.toxics.toxic_type(name))" in cli_proxy.log
+
+
+def test_the_clients_find_the_api_at_uproxy_control_else_at_toxiproxys_port(lab: Lab) -> None:
+    env = {**os.environ, "UPROXY_CONTROL": "127.0.0.1:2"}
+    done = run_uproxy("flows", namespace=lab.proxy, env=env)
+    assert done.stderr.startswith("uproxy: error: cannot reach the control API at 127.0.0.1:2:")
+    env.pop("UPROXY_CONTROL")
+    done = run_uproxy("toxic", "list", namespace=lab.proxy, env=env)
+    assert done.stderr.startswith("uproxy: error: cannot reach the control API at 127.0.0.1:8474")
+    done = run_uproxy("flows", "--control", "unix:/nonexistent/uproxy.sock", namespace=lab.proxy)
+    assert done.stderr == (
+        "uproxy: error: cannot reach the control API at unix:/nonexistent/uproxy.sock: "
+        "no such file or directory\n"
+    )
