@@ -53,7 +53,9 @@ def flows(
 
 def kill(
     ctx: typer.Context,
-    flow_id: Annotated[int, typer.Argument(metavar="ID", help="The flow's id, as listed.")],
+    flow_id: Annotated[
+        int, typer.Argument(metavar="ID", help="The flow's id, as `uproxy flows` lists it.")
+    ],
     control: Annotated[
         str | None,
         typer.Option(

@@ -73,6 +73,7 @@ def test_rules_help_shows_every_default_and_none_for_interfaces_or_ports() -> No
             {"--relay": "[kernel|haproxy|uproxy|uproxy-default-logging|uproxy-identity]"},
         ),
         (["lab", "up"], ["--help"], {}),
+        (["flows"], ["--json", "--help"], {}),
     ],
 )
 def test_help_shows_flags_bare_and_the_choices_of_an_option(
