@@ -349,7 +349,11 @@ class Control:
             raise ApiError(400, refused)
         for name in list(self._states):
             if name not in self.names():
+                # The core keeps a live chain by name: a route that comes back later must
+                # not find its old toxics there.
                 del self._states[name]
+                self._proxy.set_live_interceptors(name, [])
+                self._proxy.set_enabled(name, True)
             else:
                 self._push(name)
                 if not self._states[name].enabled:

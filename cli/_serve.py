@@ -142,19 +142,14 @@ def run_serve(options: ServeOptions) -> int:
     # flows come and go (about 3% of the CPU per short flow, measured with gc off).
     gc.freeze()
     reload_file = None if options.config is None else partial(reload_routes, proxy, options.config)
-    reload = None if reload_file is None else _ignore_result(reload_file)
     control = None
     if options.control is not None:
         toxics = options.toxics or toxic_kit()
-        control = Control(
-            proxy,
-            toxics.make,
-            toxics.types,
-            seed=options.seed,
-            reload=reload_file,
-        )
-        if reload is not None:
-            reload = partial(_reload_quietly, control)  # toxics stay on the routes that stay
+        calls = Control(proxy, toxics.make, toxics.types, seed=options.seed, reload=reload_file)
+        control = (options.control, calls)
+    reload = None
+    if reload_file is not None:
+        reload = partial(_reload, reload_file, None if control is None else control[1])
     return run_unwrapped(
         run_proxy,
         proxy,
@@ -164,18 +159,16 @@ def run_serve(options: ServeOptions) -> int:
         metrics,
         serve_at,
         reload,
-        None if control is None or options.control is None else (options.control, control),
+        control,
     )
 
 
-def _ignore_result(reload: Callable[[], str | None]) -> Callable[[], None]:
-    def call() -> None:
-        reload()
-
-    return call
-
-
-def _reload_quietly(control: Control) -> None:
+def _reload(reload_file: Callable[[], str | None], control: Control | None) -> None:
+    """SIGHUP: as ``POST /reload`` when the control API runs, so that it keeps the toxics of
+    the routes that stay and drops those of the routes that went."""
+    if control is None:
+        reload_file()
+        return
     try:
         control.reload()
     except ApiError:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from uproxy_cli._control import Control
+from uproxy_cli._control import ApiError, Control
 from uproxy_cli._control_app import control_app
 from uproxy_cli._http import serve_http
 from uproxy_trio import Address, Direction, Flow, FlowInfo, Forward, Interceptor, Route, Routes
@@ -338,3 +338,35 @@ async def test_populate_creates_each_proxy_once(api: tuple[httpx.AsyncClient, Fa
     refused = await client.post("/populate", json=[{"name": "c"}])
     assert refused.json() == {"error": "missing required field: upstream at proxy 1", "status": 400}
     assert "c" not in proxy.forwards
+
+
+def test_a_reload_keeps_the_toxics_of_the_routes_that_stay_and_drops_the_others() -> None:
+    proxy = FakeProxy()
+    files = iter(
+        [
+            Routes([Route("slow-db", port=5432), Route("new")]),
+            Routes([Route("new")]),
+            Routes([Route("slow-db"), Route("new")]),
+        ]
+    )
+
+    def reload() -> str | None:
+        proxy.set_routes(next(files))
+        return None
+
+    control = Control(proxy, fake_make_toxic, ("latency",), reload=reload)
+    control.add_toxic("slow-db", {"type": "latency", "name": "slow"})
+    assert control.reload() == {"routes": 2}
+    assert names(proxy.live["slow-db"]) == ["slow:downstream:{}:None"]
+    control.reload()  # slow-db goes: its toxic goes too, from the proxy's live chains
+    assert proxy.live["slow-db"] == []
+    assert list(control.proxies()) == ["new"]
+    control.reload()  # and comes back without it
+    assert control.proxy("slow-db")["toxics"] == []
+
+
+def test_a_refused_reload_is_a_400_that_says_why() -> None:
+    control = Control(FakeProxy(), fake_make_toxic, (), reload=lambda: "reload refused: no")
+    with pytest.raises(ApiError) as refused:
+        control.reload()
+    assert (refused.value.status, refused.value.message) == (400, "reload refused: no")
