@@ -101,7 +101,11 @@ async def test_metrics_count_flows_bytes_failures_and_durations(
 
         async def shows_everything() -> bool:
             text = await scrape(lab)
-            # Bytes and the active gauge are sampled twice a second: wait for the sample.
+            # Bytes and the active gauge are sampled twice a second: wait for the sample. A
+            # flow's close is counted just after its client saw it end, so its sample may
+            # not be there yet either.
+            if 'uproxy_flows_closed_total{reason="upstream_refused"}' not in text:
+                return False
             return (
                 value(text, 'uproxy_flows_closed_total{reason="upstream_refused"}') == 1
                 and value(text, "uproxy_flow_duration_seconds_count") == 4
