@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
@@ -264,3 +264,30 @@ async def test_a_live_interceptor_ends_its_flow_as_a_static_one_would(
     if kind is EndKind.INTERCEPTOR_FAILED:
         # The interceptor's own exception, not the task group around the live stage.
         assert isinstance(end.error, ValueError)
+
+
+async def exclaim(
+    flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield chunk + b"!"
+
+
+async def test_live_interceptors_join_a_routes_own_on_a_flow_waiting_for_bytes() -> None:
+    # The route's own interceptor reads the source directly while nothing is live; a change
+    # must interrupt that wait, so the next chunk goes the new way.
+    live: dict[str | None, tuple[Interceptor, ...]] = {}
+    own: dict[Direction, Sequence[Interceptor]] = {Direction.CLIENT_TO_SERVER: [exclaim]}
+    with loopback_flows(1) as (flow,), trio.fail_after(10):
+        async with relayed(flow, chains=own, live_chains=live):
+            await write_all(flow.client, b"a")
+            assert await recv_some(flow.server, 2) == b"a!"
+            await trio.sleep(0.05)  # waiting for bytes, on the route's path
+            live[None] = (tag,)
+            flow.changed()
+            await write_all(flow.client, b"b")
+            assert await recv_some(flow.server, 2) == b"B!"
+            live.clear()
+            flow.changed()
+            await write_all(flow.client, b"c")
+            assert await recv_some(flow.server, 2) == b"c!"

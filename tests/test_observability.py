@@ -110,7 +110,10 @@ async def test_metrics_count_flows_bytes_failures_and_durations(
                 value(text, 'uproxy_flows_closed_total{reason="upstream_refused"}') == 1
                 and value(text, "uproxy_flow_duration_seconds_count") == 4
                 and value(text, "uproxy_flows_active") == 0
-                and value(text, 'uproxy_bytes_total{direction="server_to_client"}') > 1000
+                and all(
+                    value(text, f'uproxy_bytes_total{{direction="{direction}"}}') == 1000 + size + 5
+                    for direction in ("client_to_server", "server_to_client")
+                )
             )
 
         await eventually_async(shows_everything)

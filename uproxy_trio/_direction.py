@@ -42,8 +42,8 @@ import trio
 from ._ending import CloseFlow, EndKind, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, chain_for, picks_flows, run_chain, wants
-from ._live import LiveSegment
-from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, Turn, bit
+from ._live import Interrupted, LiveSegment
+from ._readiness import PEER_CLOSED, POKED, READABLE, WRITABLE, Readiness, Side, Turn, bit
 from ._splice import SPLICE_FLAGS, Pipe, PipePool
 
 # The shared buffer for plain reads. A read that fills it means bulk data, which then moves
@@ -216,6 +216,8 @@ _BITS = {
         bit(Side.CLIENT, WRITABLE),
     ),
 }
+# The bit ``Way.changed`` pokes, to interrupt a direction's task reading its source.
+_POKED = {Direction.CLIENT_TO_SERVER: POKED, Direction.SERVER_TO_CLIENT: POKED << 1}
 
 
 class Way(DirectionState):
@@ -271,6 +273,7 @@ class Way(DirectionState):
         segment = self.segment
         if segment is not None:
             segment.changed()
+            self.readiness.poke(_POKED[self.direction])
         else:
             self.readiness.release(self)  # the plain path: wake the task from the reactor
 
@@ -442,7 +445,7 @@ class Way(DirectionState):
             return _SINK_RESET, None
         try:
             async with trio.open_nursery() as stages:
-                segment = LiveSegment(flow, self.direction, _Tap(self), live, bool(chain), stages)
+                segment = LiveSegment(flow, _Tap(self), self.direction, live, bool(chain), stages)
                 self.segment = segment
                 try:
                     delivered = await run_chain(flow, self.direction, chain, segment, self.send_all)
@@ -522,24 +525,34 @@ class _Tap:
     going interrupts it).
     """
 
-    __slots__ = ("_reads", "_size", "_way")
+    __slots__ = ("_poked", "_reads", "_size", "_way")
 
     def __init__(self, way: Way) -> None:
         self._way = way
         self._reads = 0
         self._size = INTERCEPT_FIRST_READ
+        self._poked = _POKED[way.direction]
 
-    async def read(self) -> bytes | None:
+    async def read(self, interruptible: bool = False) -> bytes | None:
+        """The next chunk, ``None`` at the EOF. ``interruptible``: raise ``Interrupted`` when
+        ``Way.changed`` pokes, rather than go on waiting (the direction's own task reads the
+        source directly, with no live interceptor between)."""
         way = self._way
         readiness, readable, source, size = way.readiness, way.readable, way.source, self._size
+        poked = self._poked if interruptible else 0
         if self._reads >= FAIRNESS_READS:
             # (before reading, never after: a cancellation here loses nothing)
             await trio.lowlevel.checkpoint()
             self._reads = 0
         while True:
-            if not readiness.bits & readable:
-                await readiness.wait(readable)
+            bits = readiness.bits
+            if bits & poked:
+                readiness.clear(poked)
+                raise Interrupted
+            if not bits & readable:
+                await readiness.wait(readable | poked)
                 self._reads = 0
+                continue
             try:
                 data = source.recv(size)
             except BlockingIOError:

@@ -80,8 +80,10 @@ def in_own_task(interceptor: InterceptorT) -> InterceptorT:
     """Mark an interceptor to run in a task of its own, behind ``trio.as_safe_channel``.
 
     Plain nesting forbids what Trio forbids in any async generator: a ``yield`` inside a
-    nursery, ``move_on_after`` or ``fail_after``. An interceptor that needs one (a timer that
-    flushes held bytes, a helper task) takes this marker instead. It costs a task switch and a
+    nursery, ``move_on_after`` or ``fail_after``. An interceptor that needs a nursery across
+    ``yield`` (a helper task) takes this marker instead. A cancel scope that expires while the
+    generator waits at a ``yield`` still ends it there, as a clean end of its stream, so a
+    timer belongs in a helper task or around the reads alone. It costs a task switch and a
     channel hand-off per chunk (see "Interceptor cost" in the README), so it is opt-in.
     """
     setattr(interceptor, _OWN_TASK_ATTR, True)

@@ -38,6 +38,13 @@ class Source(Protocol):
         ...
 
 
+class Tap(Source, Protocol):
+    async def read(self, interruptible: bool = False) -> bytes | None:
+        """The next chunk, or ``None`` at the end; ``interruptible``: raises ``Interrupted``
+        when poked (see ``LiveSegment.changed``)."""
+        ...
+
+
 class _StageOutput:
     """What a stage yields, as the reader above it sees it."""
 
@@ -85,8 +92,8 @@ class _Gated:
             closed.set()
 
 
-class _Interrupted(Exception):
-    pass
+class Interrupted(Exception):
+    """A wait was interrupted by a change: look again. Never leaves the direction's code."""
 
 
 class _Reader:
@@ -101,7 +108,7 @@ class _Reader:
         self.waiting: trio.CancelScope | None = None
 
     async def read(self) -> bytes | None:
-        """The next chunk; ``None`` at the end (or once told to end). Raises ``_Interrupted``
+        """The next chunk; ``None`` at the end (or once told to end). Raises ``Interrupted``
         when interrupted, after which the caller may look again."""
         while True:
             if self.ending:
@@ -112,12 +119,12 @@ class _Reader:
                 data = await below.read()
             self.waiting = None
             if waiting.cancelled_caught:
-                raise _Interrupted
+                raise Interrupted
             if data is None and isinstance(below, _StageOutput) and below.stage.removed:
                 # A stage taken away has flushed and ended: read what it was reading (the
                 # caller looks again first: the direction may be leaving the live path).
                 self.below = below.stage.reader.below
-                raise _Interrupted
+                raise Interrupted
             return data
 
     def interrupt(self) -> None:
@@ -140,7 +147,7 @@ class _Inlet:
         while True:
             try:
                 data = await self.reader.read()
-            except _Interrupted:
+            except Interrupted:
                 continue  # re-pointed, or told to end: look again
             if data is None:
                 raise StopAsyncIteration
@@ -188,20 +195,21 @@ class LiveSegment:
     def __init__(
         self,
         flow: Flow,
+        tap: Tap,
         direction: Direction,
-        source: Source,
         wanted: Callable[[], Sequence[Interceptor]],
         keep_going: bool,
         nursery: trio.Nursery,
     ) -> None:
         self._flow = flow
         self._direction = direction
-        self._source = source = _Gated(source)
+        self._tap = tap
+        self._source = _Gated(tap)
         self._wanted = wanted
         self._keep_going = keep_going
         self._nursery = nursery
         self._stages: list[_Stage] = []  # nearest the source first
-        self._top = _Reader(source)
+        self._top = _Reader(self._source)
         self._changed = True
         self.switched = False
         """The segment ended because nothing intercepts the direction any more, not at an EOF."""
@@ -210,7 +218,11 @@ class LiveSegment:
         return self
 
     def changed(self) -> None:
-        """The wanted interceptors may have changed: look at the next chunk boundary."""
+        """The wanted interceptors may have changed: look at the next chunk boundary.
+
+        The caller also pokes the tap, which the segment reads directly while no live
+        interceptor runs (that read is the direction's hot path, so it waits on a readiness
+        bit rather than in a cancel scope of its own)."""
         self._changed = True
         source = self._source
         source.close()
@@ -225,20 +237,24 @@ class LiveSegment:
                 self._changed = False
                 await self._reconcile()
                 self._source.open()
-            if self._going_plain():
-                self.switched = True
-                raise StopAsyncIteration
-            try:
-                data = await self._top.read()
-            except _Interrupted:
-                self._stages = [stage for stage in self._stages if not stage.done.is_set()]
-                continue
+            if not self._stages and self._top.below is self._source:
+                # No live interceptor: the route's own read the source directly.
+                if not self._keep_going:
+                    self.switched = True
+                    raise StopAsyncIteration
+                try:
+                    data = await self._tap.read(interruptible=True)
+                except Interrupted:
+                    continue
+            else:
+                try:
+                    data = await self._top.read()
+                except Interrupted:
+                    self._stages = [stage for stage in self._stages if not stage.done.is_set()]
+                    continue
             if data is None:
                 raise StopAsyncIteration
             return data
-
-    def _going_plain(self) -> bool:
-        return not self._keep_going and self._top.below is self._source and not self._stages
 
     async def _reconcile(self) -> None:
         wanted = list(self._wanted())

@@ -82,6 +82,10 @@ PEER_CLOSED = 4
 """The peer has sent its FIN (or reset): sticky, never cleared. A read that returns less than
 asked then does not mean the socket is empty, since the EOF is still to be read."""
 
+POKED = 1 << 6
+"""The first of the bits no socket sets: ``Readiness.poke`` sets them, to wake a task that
+waits on its socket and on something else too (a direction's interceptors changing)."""
+
 
 def bit(side: Side, kind: int) -> int:
     """The bit for ``kind`` (``READABLE``, ``WRITABLE``, ``PEER_CLOSED``) of ``side``'s socket."""
@@ -185,6 +189,15 @@ class Readiness:
             await trio.lowlevel.wait_task_rescheduled(self._park(pump.mask, pump).abort)
         finally:
             pump.detached()
+
+    def poke(self, bits: int) -> None:
+        """Set ``bits`` (``POKED`` and up, never a socket's) and wake the tasks waiting on
+        them; whoever sees them clears them."""
+        self._bits |= bits
+        if self._waiting:
+            for parked in [parked for parked in self._parked if parked.mask & bits]:
+                if parked.pump is None:
+                    self._unpark(parked, outcome.Value(None))
 
     def release(self, pump: Pump) -> None:
         """Wake the task that handed the reactor ``pump``, as if its direction were over
