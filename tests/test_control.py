@@ -425,7 +425,6 @@ def shout():
 async def test_a_toxic_type_of_ones_own_is_added_by_name(
     inside_proxy: Lab, cli_proxy: CliProxy, tmp_path: Path
 ) -> None:
-    pytest.importorskip("uproxy_trio.toxics", reason="the toxic types are in uproxy_trio.toxics")
     lab = inside_proxy
     (tmp_path / "my_toxics.py").write_text(SHOUT)
     forward = ("--forward", f"{FORWARD}=127.0.0.1:7000")
@@ -443,7 +442,6 @@ async def test_a_toxic_type_of_ones_own_is_added_by_name(
 
 
 def test_a_toxic_type_spec_that_is_not_one_is_a_usage_error(lab: Lab, cli_proxy: CliProxy) -> None:
-    pytest.importorskip("uproxy_trio.toxics", reason="the toxic types are in uproxy_trio.toxics")
     with pytest.raises(AssertionError, match="exited 2"):
         cli_proxy.start("--control", CONTROL, "--toxic-type", "uproxy_trio.interceptors:label")
     assert "is not a toxic type (mark it @uproxy_trio.toxics.toxic_type(name))" in cli_proxy.log
