@@ -197,3 +197,19 @@ def test_the_readmes_forward_table_reads_as_a_named_forward(tmp_path: Path) -> N
     config = read_config(written(tmp_path, text))
     assert config.options == {"control": "127.0.0.1:8474"}
     assert config.forwards == (Forward("redis", ("127.0.0.1", 26379), ("127.0.0.1", 6379)),)
+
+
+def test_a_forward_is_named_by_its_listen_text_unless_named_and_loads_its_interceptors(
+    tmp_path: Path,
+) -> None:
+    text = (
+        '[[forwards]]\nlisten = "[::1]:7001"\nupstream = "[::1]:7000"\n'
+        "interceptors = ['uproxy_trio.toxics:latency(latency=5)']\n"
+    )
+    (forward,) = read_config(written(tmp_path, text)).forwards
+    assert (forward.name, forward.listen, forward.upstream) == (
+        "[::1]:7001",
+        ("::1", 7001),
+        ("::1", 7000),
+    )
+    assert len(forward.interceptors) == 1
