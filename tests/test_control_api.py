@@ -370,3 +370,26 @@ def test_a_refused_reload_is_a_400_that_says_why() -> None:
     with pytest.raises(ApiError) as refused:
         control.reload()
     assert (refused.value.status, refused.value.message) == (400, "reload refused: no")
+
+
+async def test_a_forward_moves_to_a_new_listen_or_upstream_with_its_toxics(
+    api: tuple[httpx.AsyncClient, FakeProxy],
+) -> None:
+    client, proxy = api
+    body = {"name": "db", "listen": "127.0.0.1:7001", "upstream": "127.0.0.1:7000"}
+    await client.post("/proxies", json=body)
+    await client.post("/proxies/db/toxics", json={"type": "latency", "name": "slow"})
+    moved = await client.post("/proxies/db", json={"upstream": "127.0.0.1:7002"})
+    assert moved.status_code == 200
+    shown = moved.json()
+    assert (shown["listen"], shown["upstream"]) == ("127.0.0.1:7001", "127.0.0.1:7002")
+    assert proxy.forwards["db"][0].upstream == ("127.0.0.1", 7002)
+    assert [toxic["name"] for toxic in shown["toxics"]] == ["slow"]
+    assert names(proxy.live["db"]) == ["slow:downstream:{}:5"]
+    # A listen that cannot bind is refused, and the forward stays where it was.
+    refused = await client.post("/proxies/db", json={"listen": "127.0.0.1:1"})
+    assert refused.status_code == 500
+    assert proxy.forwards["db"][1] == ("127.0.0.1", 7001)
+    # A route's listen and upstream are the config file's.
+    route = await client.post("/proxies/slow-db", json={"upstream": "127.0.0.1:1"})
+    assert route.status_code == 400
