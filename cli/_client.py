@@ -5,13 +5,15 @@ TCP or a Unix socket, every failure one line.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 
 from ._errors import EXIT_USAGE, CommandError
 from ._http import HttpAddress, format_http_address, parse_http_address
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_CONTROL = "127.0.0.1:8474"
 TIMEOUT_S = 10.0
@@ -32,6 +34,10 @@ class ControlClient:
     with the server's error or why it could not be reached."""
 
     def __init__(self, where: str) -> None:
+        # Imported here: every `uproxy` command loads this module, and httpx would add 0.1 s
+        # to the start of each `uproxy serve` and of each of its workers, which never call.
+        import httpx
+
         try:
             self.where: HttpAddress = parse_http_address(where)
         except ValueError as exc:
@@ -45,6 +51,8 @@ class ControlClient:
         self._client = httpx.Client(base_url=base, transport=transport, timeout=TIMEOUT_S)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
+        import httpx
+
         try:
             response = self._client.request(method, path, json=body)
         except httpx.TransportError as exc:
