@@ -188,3 +188,5 @@ def _attributes(pairs: list[str] | None) -> dict[str, int | float]:
 for _command in (add, update, remove):
     toxic_app.command(cls=Command, help=help_of(_command))(_command)
 toxic_app.command("list", cls=Command, help=help_of(list_toxics))(list_toxics)
+# toxiproxy-cli's other name for remove.
+toxic_app.command("delete", cls=Command, help=help_of(remove), hidden=True)(remove)

@@ -215,6 +215,9 @@ async def test_flows_and_toxic_commands_against_a_running_serve(
             assert await recv_exactly(sock, 5) == b"still"
             uproxy("toxic", "remove", "-n", "slow", "r")
             assert "no toxics" in uproxy("toxic", "list", "r")
+            uproxy("toxic", "add", *latency, "r")
+            uproxy("toxic", "delete", "-n", "slow", "r")  # toxiproxy-cli's word for it
+            assert "no toxics" in uproxy("toxic", "list", "r")
 
             assert uproxy("flows", "kill", str(flow["id"])).strip() == f"flow {flow['id']} reset"
             with pytest.raises(ConnectionResetError):
