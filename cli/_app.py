@@ -19,13 +19,18 @@ from ._check import check
 from ._config import ConfigError, read_config
 from ._demo import demo
 from ._errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, fail
+from ._flows_cmd import flows_app
+from ._forwards import check_names, parse_forward
 from ._help import Command, Group, choices, help_of
+from ._http import HttpAddress, parse_http_address
 from ._lab import lab_app
 from ._logging import LOG_FORMATS, LOG_LEVELS
 from ._privileges import resolve_identity
 from ._rules import rules
 from ._serve import SOURCE_PORTS, ServeOptions, run_serve
 from ._spec import load_interceptor
+from ._toxic_cmd import toxic_app
+from ._toxics import toxic_kit
 from ._workers import cpu_count
 
 app = typer.Typer(
@@ -54,6 +59,10 @@ def _parse_workers(value: str) -> int:
 
 def _parse_metrics(value: str | None) -> Address | None:
     return None if value is None else parse_address(value)
+
+
+def _parse_control(value: str | None) -> HttpAddress | None:
+    return None if value is None else parse_http_address(value)
 
 
 def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
@@ -127,7 +136,7 @@ def serve(
             metavar="HOST:PORT",
             envvar="UPROXY_LISTEN",
             help="Address the TPROXY rule delivers to; repeat for more (IPv6 as [::1]:9091).",
-            show_default="127.0.0.1:9091",
+            show_default="127.0.0.1:9091; none with --forward or --control",
         ),
     ] = None,
     connect_timeout: Annotated[
@@ -271,6 +280,50 @@ def serve(
             help="Serve Prometheus metrics at http://HOST:PORT/metrics.",
         ),
     ] = None,
+    control: Annotated[
+        str | None,
+        typer.Option(
+            "--control",
+            metavar="HOST:PORT|unix:PATH",
+            envvar="UPROXY_CONTROL",
+            help="Serve the control API (Toxiproxy's, and /flows, /reload, /metrics) there; "
+            "Toxiproxy's clients use 127.0.0.1:8474. A Unix socket gets mode 0600. Not with "
+            "--workers above 1.",
+            show_default="off",
+        ),
+    ] = None,
+    forward: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--forward",
+            "-f",
+            metavar="LISTEN=UPSTREAM",
+            envvar="UPROXY_FORWARD",
+            help="Also listen on LISTEN (a plain listener: no TPROXY, no root) and relay to "
+            "UPSTREAM, as a Toxiproxy proxy named LISTEN; repeat for more.",
+        ),
+    ] = None,
+    toxic_type: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--toxic-type",
+            metavar="SPEC",
+            envvar="UPROXY_TOXIC_TYPE",
+            help="path/to/file.py:name or package.module:name, a toxic type of your own (a "
+            "factory marked @uproxy_trio.toxics.toxic_type(NAME)) that the control API then "
+            "adds by NAME; repeat for more.",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            metavar="N",
+            envvar="UPROXY_SEED",
+            help="Seed the toxics' randomness (toxicity, jitter), so runs repeat.",
+            show_default="random",
+        ),
+    ] = None,
     log_level: Annotated[
         str,
         typer.Option(
@@ -309,10 +362,15 @@ def serve(
       uproxy serve --listen 127.0.0.1:9091 --listen [::1]:9091 --label '<via uproxy>'
       UPROXY_LISTEN=127.0.0.1:9091 uproxy serve -i my_interceptors.py:shout
       uproxy serve --config /etc/uproxy.toml
+      uproxy serve --forward 127.0.0.1:26379=127.0.0.1:6379 --control 127.0.0.1:8474
 
     With --config, the file's routes choose each flow's interceptors and timeouts, the first
     route that matches winning; --interceptor and --label are for the flows no route
     takes. SIGHUP reloads the routes: new flows take the new ones, flows in flight keep theirs.
+
+    With --control, an HTTP API that Toxiproxy's clients drive adds faults (toxics) to the
+    flows of a route or of a --forward listener, those in flight included; `uproxy toxic`
+    and `uproxy flows` are its command-line clients.
 
     Exit status after SIGTERM/SIGINT: 0 when every flow finished within --grace, 1 when some
     had to be reset.
@@ -320,7 +378,15 @@ def serve(
     given = _Options(ctx, config)
     values = given.values
     given.checked("log_level", _one_of(LOG_LEVELS))
-    listen = values["listen"] = values["listen"] or ["127.0.0.1:9091"]
+    forwards = given.each("forward", parse_forward)
+    if given.file is not None:
+        forwards += given.file.forwards
+    routes = [route.name for route in given.file.routes] if given.file is not None else []
+    given.checked("forward", lambda _: check_names(forwards, routes))
+    # Toxiproxy's way, forwards and the API alone, needs no TPROXY and no root: there is no
+    # transparent listener then unless one is asked for.
+    toxiproxy_way = bool(forwards) or values["control"] is not None
+    listen = values["listen"] = values["listen"] or ([] if toxiproxy_way else ["127.0.0.1:9091"])
     addresses = given.each("listen", parse_address)
     values["udp_listen"] = list(values["udp_listen"] or [])
     udp_addresses = given.each("udp_listen", parse_address)
@@ -336,6 +402,15 @@ def serve(
         identity = given.checked("user", lambda name: resolve_identity(name, group))
     given.checked("source_port", _one_of(SOURCE_PORTS))
     given.checked("log_format", _one_of(LOG_FORMATS))
+    worker_count = given.checked("workers", _parse_workers)
+    control_at = given.checked("control", _parse_control)
+    if worker_count > 1:
+        # One process holds the API's state (toxics, forwards); the workers would each have
+        # their own, and a request would reach one of them.
+        if control_at is not None:
+            raise given.bad("control", "--control works with one worker only (not --workers)")
+        if forwards:
+            raise given.bad("forward", "--forward works with one worker only (not --workers)")
     options = ServeOptions(
         listen=list(listen),
         addresses=addresses,
@@ -354,11 +429,15 @@ def serve(
         user=user,
         group=group,
         identity=identity,
-        workers=given.checked("workers", _parse_workers),
+        workers=worker_count,
         log_level=values["log_level"],
         log_format=values["log_format"],
         metrics=given.checked("metrics", _parse_metrics),
         config=given.file,
+        control=control_at,
+        forwards=tuple(forwards),
+        seed=values["seed"],
+        toxics=given.checked("toxic_type", lambda specs: toxic_kit(specs or ())),
     )
     try:
         return run_serve(options)
@@ -373,6 +452,8 @@ def serve(
 for command in (serve, rules, check, demo, bench):
     app.command(cls=Command, help=help_of(command))(command)
 app.add_typer(lab_app)
+app.add_typer(flows_app)
+app.add_typer(toxic_app)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

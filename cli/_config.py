@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uproxy_trio import Route, Routes
+from uproxy_trio import Forward, Route, Routes
 
+from ._forwards import parse_forward
 from ._spec import SpecError, load_interceptor
 
 
@@ -59,6 +60,12 @@ def _port(value: object) -> int | str:
     return value  # its range is Route's to check
 
 
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not a whole number")
+    return value
+
+
 def _workers(value: object) -> str:
     if value == "auto":
         return value
@@ -83,6 +90,10 @@ OPTIONS: Mapping[str, Callable[[object], object]] = {
     "group": _string,
     "workers": _workers,
     "metrics": _string,
+    "control": _string,
+    "forward": _strings,
+    "seed": _integer,
+    "toxic_type": _strings,
     "log_level": _string,
     "log_format": _string,
 }
@@ -98,15 +109,26 @@ ROUTE_KEYS: Mapping[str, Callable[[object], object]] = {
     "connect_timeout": _seconds(0.001),
 }
 
+FORWARD_KEYS: Mapping[str, Callable[[object], object]] = {
+    "name": _string,
+    "listen": _string,
+    "upstream": _string,
+    "interceptors": _strings,
+}
+
+# The arrays of tables a file may hold beside the options.
+TABLES = ("routes", "forwards")
+
 
 @dataclass(frozen=True, slots=True)
 class ConfigFile:
-    """A config file read and checked: its options (``serve``'s parameter names) and its
-    routes, loaded."""
+    """A config file read and checked: its options (``serve``'s parameter names), its
+    routes and its forwards, loaded."""
 
     path: Path
     options: dict[str, Any]
     routes: Routes
+    forwards: tuple[Forward, ...] = ()
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.path}: {key}: {message}")
@@ -128,20 +150,59 @@ def read_config(path: Path) -> ConfigFile:
         raise ConfigError(f"{path}: not TOML: not UTF-8 text") from None
     options: dict[str, Any] = {}
     for key, value in document.items():
-        if key == "routes":
+        if key in TABLES:
             continue
         check = OPTIONS.get(key)
         if check is None:
-            known = ", ".join(sorted([*OPTIONS, "routes"]))
+            known = ", ".join(sorted([*OPTIONS, *TABLES]))
             raise ConfigError(f"{path}: {key}: unknown key (the keys are {known})")
         try:
             options[key] = check(value)
         except ValueError as exc:
             raise ConfigError(f"{path}: {key}: {exc}") from None
-    tables = document.get("routes", [])
+    routes = _routes(path, _tables(path, document, "routes"))
+    forwards = _forwards(path, _tables(path, document, "forwards"), routes)
+    return ConfigFile(path, options, routes, forwards)
+
+
+def _tables(path: Path, document: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    tables = document.get(key, [])
     if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
-        raise ConfigError(f"{path}: routes: not an array of tables (write [[routes]])")
-    return ConfigFile(path, options, _routes(path, tables))
+        raise ConfigError(f"{path}: {key}: not an array of tables (write [[{key}]])")
+    return tables
+
+
+def _forwards(path: Path, tables: list[dict[str, Any]], routes: Routes) -> tuple[Forward, ...]:
+    forwards: list[Forward] = []
+    taken = {route.name for route in routes}
+    for number, table in enumerate(tables, 1):
+        name = table.get("name")
+        where = f"{path}: [[forwards]] #{number}" + (f" {name!r}" if isinstance(name, str) else "")
+        for key, value in table.items():
+            check = FORWARD_KEYS.get(key)
+            if check is None:
+                known = ", ".join(FORWARD_KEYS)
+                raise ConfigError(f"{where}: {key}: unknown key (a forward's keys are {known})")
+            try:
+                check(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {key}: {exc}") from None
+        for key in ("listen", "upstream"):
+            if key not in table:
+                raise ConfigError(f"{where}: {key}: missing (a forward has a listen and upstream)")
+        try:
+            interceptors = [load_interceptor(spec) for spec in table.get("interceptors", [])]
+        except SpecError as exc:
+            raise ConfigError(f"{where}: interceptors: {exc}") from None
+        try:
+            forward = parse_forward(f"{table['listen']}={table['upstream']}", name, interceptors)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if forward.name in taken:
+            raise ConfigError(f"{where}: name: a route or forward is named {forward.name!r}")
+        taken.add(forward.name)
+        forwards.append(forward)
+    return tuple(forwards)
 
 
 def _routes(path: Path, tables: list[dict[str, Any]]) -> Routes:

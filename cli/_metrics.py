@@ -1,4 +1,4 @@
-"""Prometheus metrics for ``uproxy serve --metrics HOST:PORT``.
+"""Prometheus metrics for ``uproxy serve --metrics HOST:PORT`` (and ``--control``'s server).
 
 One process: the proxy records into its own registry and serves it. With ``--workers``, the
 workers record into prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set by
@@ -18,8 +18,19 @@ import os
 from collections.abc import Callable
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from uproxy_trio import (
     Address,
@@ -30,10 +41,9 @@ from uproxy_trio import (
     Proxy,
     UdpDrop,
     UpstreamFailed,
-    format_address,
 )
 
-from ._errors import CommandError
+from ._http import serve_http
 
 LOGGER = logging.getLogger("uproxy.metrics")
 
@@ -41,9 +51,6 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SAMPLE_INTERVAL_S = 0.5
 # Flow durations span milliseconds (a refused connect) to hours (an idle session).
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 5, 30, 120, 600, 3600, float("inf"))
-# A scrape request larger or slower than this is not a Prometheus server: drop it.
-MAX_REQUEST = 8192
-REQUEST_TIMEOUT_S = 5.0
 
 
 class Metrics:
@@ -161,49 +168,24 @@ def render_multiprocess() -> bytes:
     return generate_latest(registry)
 
 
+def metrics_route(render: Callable[[], bytes]) -> Route:
+    """``GET /metrics``, for whichever server serves it (``--metrics``, ``--control``)."""
+
+    async def metrics(request: Request) -> Response:
+        return Response(render(), media_type=CONTENT_TYPE_LATEST)
+
+    return Route("/metrics", metrics, methods=["GET"])
+
+
 async def serve_metrics(
     address: Address,
     render: Callable[[], bytes],
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A minimal HTTP/1.1 endpoint: ``GET /metrics`` and nothing else."""
-    host, port = address
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        raise CommandError(f"cannot serve metrics on {format_address(address)}: {reason}") from None
-    LOGGER.info("metrics on http://%s/metrics", format_address(address))
-
-    async def answer(stream: trio.SocketStream) -> None:
-        await _answer(stream, render)
-
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        await trio.serve_listeners(answer, listeners, handler_nursery=nursery)
-
-
-async def _answer(stream: trio.SocketStream, render: Callable[[], bytes]) -> None:
-    request = b""
-    with trio.move_on_after(REQUEST_TIMEOUT_S):
-        while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST:
-            data = await stream.receive_some(MAX_REQUEST)
-            if not data:
-                break
-            request += data
-    method, _, rest = request.partition(b" ")
-    path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
-    if method == b"GET" and path == b"/metrics":
-        status, body = b"200 OK", render()
-        kind = b"text/plain; version=0.0.4; charset=utf-8"
-    else:
-        status, body, kind = b"404 Not Found", b"only /metrics here\n", b"text/plain"
-    head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-    try:
-        await stream.send_all(head % (status, kind, len(body)) + body)
-    except trio.BrokenResourceError:
-        pass  # the scraper went away
+    """``--metrics HOST:PORT``: a server with ``GET /metrics`` and nothing else."""
+    app = Starlette(routes=[metrics_route(render)])
+    await serve_http(address, app, "metrics", "/metrics", task_status=task_status)
 
 
 def in_multiprocess_mode() -> bool:

@@ -21,6 +21,7 @@ from uproxy_trio import (
     Address,
     EventSink,
     FlowEvent,
+    Forward,
     Interceptor,
     Proxy,
     format_address,
@@ -28,10 +29,14 @@ from uproxy_trio import (
 )
 
 from ._config import ConfigError, ConfigFile, read_config
+from ._control import ApiError, Control
+from ._control_app import control_app
 from ._errors import CommandError
+from ._http import HttpAddress, serve_http
 from ._logging import setup_logging
-from ._metrics import MULTIPROC_ENV, Metrics, in_multiprocess_mode, serve_metrics
+from ._metrics import MULTIPROC_ENV, Metrics, in_multiprocess_mode, metrics_route, serve_metrics
 from ._privileges import Identity, drop_to
+from ._toxics import ToxicKit, toxic_kit
 from ._workers import Supervisor, report_ready, worker_label
 
 LOGGER = logging.getLogger("uproxy")
@@ -92,6 +97,12 @@ class ServeOptions:
     metrics: Address | None
     config: ConfigFile | None
     """The config file as it was read at the start, its routes loaded."""
+    control: HttpAddress | None = None
+    forwards: tuple[Forward, ...] = ()
+    """``--forward``'s and the config file's, checked for unique names."""
+    seed: int | None = None
+    toxics: ToxicKit | None = None
+    """The toxic types the control API knows: Toxiproxy's and ``--toxic-type``'s."""
 
 
 def run_serve(options: ServeOptions) -> int:
@@ -104,7 +115,8 @@ def run_serve(options: ServeOptions) -> int:
     if options.workers > 1 and worker is None:
         return _run_workers(options)
     raise_fd_limit()
-    metrics = Metrics() if options.metrics is not None or in_multiprocess_mode() else None
+    wants_metrics = options.metrics is not None or options.control is not None
+    metrics = Metrics() if wants_metrics or in_multiprocess_mode() else None
     proxy = Proxy(
         routes=options.config.routes if options.config is not None else None,
         interceptors=options.interceptors,
@@ -113,6 +125,7 @@ def run_serve(options: ServeOptions) -> int:
         max_flows=options.max_flows,
         reuse_port=worker is not None,
         source_port=options.source_port,
+        forwards=options.forwards,
         on_event=log_event if metrics is None else _both(log_event, metrics.on_event),
         udp_idle_timeout=options.udp_idle_timeout,
         max_udp_sessions=options.max_udp_sessions,
@@ -134,7 +147,15 @@ def run_serve(options: ServeOptions) -> int:
     # kept out of the collector's full passes, which otherwise walk it over and over while
     # flows come and go (about 3% of the CPU per short flow, measured with gc off).
     gc.freeze()
-    reload = None if options.config is None else partial(reload_routes, proxy, options.config)
+    reload_file = None if options.config is None else partial(reload_routes, proxy, options.config)
+    control = None
+    if options.control is not None:
+        toxics = options.toxics or toxic_kit()
+        calls = Control(proxy, toxics.make, toxics.types, seed=options.seed, reload=reload_file)
+        control = (options.control, calls)
+    reload = None
+    if reload_file is not None:
+        reload = partial(_reload, reload_file, None if control is None else control[1])
     return run_unwrapped(
         run_proxy,
         proxy,
@@ -144,14 +165,28 @@ def run_serve(options: ServeOptions) -> int:
         metrics,
         serve_at,
         reload,
+        control,
         options.udp_addresses,
     )
 
 
-def reload_routes(proxy: Proxy, started_with: ConfigFile) -> None:
+def _reload(reload_file: Callable[[], str | None], control: Control | None) -> None:
+    """SIGHUP: as ``POST /reload`` when the control API runs, so that it keeps the toxics of
+    the routes that stay and drops those of the routes that went."""
+    if control is None:
+        reload_file()
+        return
+    try:
+        control.reload()
+    except ApiError:
+        pass  # refused, and logged as such by reload_routes
+
+
+def reload_routes(proxy: Proxy, started_with: ConfigFile) -> str | None:
     """SIGHUP: read the config file again and take new flows by its routes. A file that does
     not read, or whose interceptors do not load, is refused in one line, and the routes in
-    use stay. Only ``[[routes]]`` are reloaded: the other keys take effect at the next start.
+    use stay, and the line is returned (for ``POST /reload``); ``None`` when it was taken.
+    Only ``[[routes]]`` are reloaded: the other keys take effect at the next start.
 
     The file is read and its SPECs loaded on the event loop, which pauses the flows for as
     long as that takes; a reload is rare, and it never leaves a half-made table.
@@ -162,7 +197,7 @@ def reload_routes(proxy: Proxy, started_with: ConfigFile) -> None:
     except ConfigError as exc:
         in_use = len(proxy.routes or ())
         LOGGER.error("reload refused, the %d routes in use stay: %s", in_use, exc)
-        return
+        return f"reload refused, the {in_use} routes in use stay: {exc}"
     proxy.set_routes(config.routes)
     LOGGER.info("reloaded %d routes from %s", len(config.routes), path)
     changed = sorted(
@@ -176,6 +211,7 @@ def reload_routes(proxy: Proxy, started_with: ConfigFile) -> None:
             path,
             ", ".join(changed),
         )
+    return None
 
 
 def _both(first: EventSink, second: EventSink) -> EventSink:
@@ -241,6 +277,7 @@ async def run_proxy(
     metrics: Metrics | None,
     metrics_address: Address | None,
     reload: Callable[[], None] | None = None,
+    control: tuple[HttpAddress, Control] | None = None,
     udp_listen: Sequence[Address] = (),
 ) -> int:
     """Serve until SIGINT or SIGTERM, then drain: no new flows, ``grace`` seconds for those in
@@ -265,6 +302,11 @@ async def run_proxy(
                 nursery.cancel_scope.cancel()  # drained: the helpers above are done too
 
             bound = await nursery.start(serve)
+            if control is not None:
+                where, calls = control
+                extra = [metrics_route(metrics.render)] if metrics is not None else []
+                app = control_app(calls, extra)
+                await nursery.start(serve_http, where, app, "the control API")
             after_bind()
             ready_on = [format_address(a) for a in bound]
             ready_on += [f"UDP {format_address(a)}" for a in proxy.udp.listening]

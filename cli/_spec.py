@@ -61,6 +61,18 @@ def load_interceptor(spec: str) -> Interceptor:
     return interceptor
 
 
+def load_named(spec: str) -> Any:
+    """``path/to/file.py:name`` or ``package.module:name``, the object itself: nothing is
+    called (a toxic type for ``--toxic-type``, say, which its caller checks)."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name.isidentifier():
+        raise SpecError(f"{spec!r}: expected path/to/file.py:name or package.module:name")
+    candidate = getattr(_load_module(spec, target), name, None)
+    if candidate is None:
+        raise SpecError(f"{spec!r}: {target} has no {name!r}")
+    return candidate
+
+
 def _takes_three(candidate: Any) -> bool:
     try:
         inspect.signature(candidate).bind(None, None, None)

@@ -135,6 +135,10 @@ class Supervisor:
                         raise WorkerFailedToStart(index, code)
                 else:
                     self._processes[index] = process
+                    if self.stopping():
+                        # The signal came while this worker was starting, so ``_forward``
+                        # could not pass it on: it would serve on, and the parent wait on it.
+                        process.send_signal(signal.SIGTERM)
                     if not started:
                         task_status.started()
                         started = True

@@ -73,6 +73,7 @@ def test_rules_help_shows_every_default_and_none_for_interfaces_or_ports() -> No
             {"--relay": "[kernel|haproxy|uproxy|uproxy-default-logging|uproxy-identity]"},
         ),
         (["lab", "up"], ["--help"], {}),
+        (["flows"], ["--json", "--help"], {}),
     ],
 )
 def test_help_shows_flags_bare_and_the_choices_of_an_option(
@@ -93,7 +94,9 @@ def test_help_shows_flags_bare_and_the_choices_of_an_option(
 
 def test_serve_help_shows_the_defaults_that_are_not_values() -> None:
     options = help_rows(wide_help("serve").stdout)
-    assert "[default: (127.0.0.1:9091)]" in options["--listen"]
+    assert "[default: (127.0.0.1:9091; none with --forward or --control)]" in options["--listen"]
+    assert "[default: (off)]" in options["--control"]
+    assert "[default: (random)]" in options["--seed"]
     assert "[default: (off)]" in options["--idle-timeout"]
     assert "[default: (the user's own)]" in options["--group"]
     assert "[default: 10.0]" in options["--connect-timeout"]

@@ -12,7 +12,7 @@ from cli_tools import run_uproxy
 
 from uproxy_cli._app import app
 from uproxy_cli._config import OPTIONS, ConfigError, read_config
-from uproxy_trio import Route
+from uproxy_trio import Forward, Route
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,10 @@ def test_a_file_without_routes_has_an_empty_table(tmp_path: Path) -> None:
 BAD_FILES = [
     ('listen = "127.0.0.1:9091"', "listen: '127.0.0.1:9091' is not a list of strings"),
     ('listen = ["nonsense"]', "listen: 'nonsense' is not HOST:PORT"),
-    ("frobnicate = 1", "frobnicate: unknown key (the keys are connect_timeout, grace, "),
+    (
+        "frobnicate = 1",
+        "frobnicate: unknown key (the keys are connect_timeout, control, forward, forwards, grace",
+    ),
     ('log_level = "loud"', "log_level: 'loud' is not one of debug, info, warning, error"),
     ("idle_timeout = 0", "idle_timeout: 0 is not a number of seconds of at least 0.001"),
     ('connect_timeout = "soon"', "connect_timeout: 'soon' is not a number of seconds"),
@@ -91,6 +94,23 @@ BAD_FILES = [
     ("workers = 0", "workers: 0 is not a whole number of at least 1"),
     ('source_port = "random"', "source_port: 'random' is not one of keep, ephemeral"),
     ('metrics = "nowhere"', "metrics: 'nowhere' is not HOST:PORT"),
+    ('control = "nowhere"', "control: 'nowhere' is not HOST:PORT"),
+    ('control = "unix:"', "control: 'unix:': unix: needs a path"),
+    ('control = "127.0.0.1:8474"\nworkers = 2', "control: --control works with one worker only"),
+    ('forward = ["127.0.0.1:1"]', "forward: '127.0.0.1:1': expected LISTEN=UPSTREAM"),
+    ('forward = ["127.0.0.1:1=127.0.0.1:2"]\nworkers = 2', "forward: --forward works with one"),
+    ('seed = "x"', "seed: 'x' is not a whole number"),
+    ("forwards = 1", "forwards: not an array of tables (write [[forwards]])"),
+    ('[[forwards]]\nlisten = "127.0.0.1:1"', "[[forwards]] #1: upstream: missing"),
+    (
+        '[[forwards]]\nlisten = "127.0.0.1:1"\nupstream = "db:5432"',
+        "[[forwards]] #1: 'db:5432': 'db' is not an IP address",
+    ),
+    (
+        '[[forwards]]\nname = "db"\nlisten = "127.0.0.1:1"\nupstream = "127.0.0.1:2"\n'
+        '[[routes]]\nname = "db"',
+        "[[forwards]] #1 'db': name: a route or forward is named 'db'",
+    ),
     ('interceptor = ["missing.py:f"]', "interceptor: 'missing.py:f': no such file 'missing.py'"),
     ('group = "root"', "group: --group needs --user"),
     ("listen = [1", "not TOML: "),
@@ -169,3 +189,27 @@ def test_read_config_raises_one_error_that_names_the_file(tmp_path: Path) -> Non
     path = written(tmp_path, '[[routes]]\nname = "a"\nport = "9-1"\n')
     with pytest.raises(ConfigError, match=r"uproxy\.toml: \[\[routes\]\] #1 'a': port: '9-1'"):
         read_config(path)
+
+
+def test_the_readmes_forward_table_reads_as_a_named_forward(tmp_path: Path) -> None:
+    section = (ROOT / "README.md").read_text().split("## Faults on live flows")[1]
+    (text,) = re.findall(r"```toml\n(.*?)```", section.split("\n## ")[0], re.DOTALL)
+    config = read_config(written(tmp_path, text))
+    assert config.options == {"control": "127.0.0.1:8474"}
+    assert config.forwards == (Forward("redis", ("127.0.0.1", 26379), ("127.0.0.1", 6379)),)
+
+
+def test_a_forward_is_named_by_its_listen_text_unless_named_and_loads_its_interceptors(
+    tmp_path: Path,
+) -> None:
+    text = (
+        '[[forwards]]\nlisten = "[::1]:7001"\nupstream = "[::1]:7000"\n'
+        "interceptors = ['uproxy_trio.toxics:latency(latency=5)']\n"
+    )
+    (forward,) = read_config(written(tmp_path, text)).forwards
+    assert (forward.name, forward.listen, forward.upstream) == (
+        "[::1]:7001",
+        ("::1", 7001),
+        ("::1", 7000),
+    )
+    assert len(forward.interceptors) == 1

@@ -37,7 +37,8 @@ async def scrape(lab: Lab, path: str = "/metrics") -> str:
     sock = trio.socket.from_stdlib_socket(lab.proxy.socket(socket.AF_INET))
     with sock:
         await sock.connect(("127.0.0.1", METRICS_PORT))
-        await send_all(sock, f"GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n".encode())
+        request = f"GET {path} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"
+        await send_all(sock, request.encode())
         return (await recv_until_eof(sock)).decode()
 
 
@@ -100,11 +101,11 @@ async def test_metrics_count_flows_bytes_failures_and_durations(
 
         async def shows_everything() -> bool:
             text = await scrape(lab)
-            # The refused flow's close is counted just after the client sees its reset: a
-            # scrape in between has no upstream_refused sample yet, which is "not yet".
+            # Bytes and the active gauge are sampled twice a second: wait for the sample. A
+            # flow's close is counted just after its client saw it end, so its sample may
+            # not be there yet either.
             if 'uproxy_flows_closed_total{reason="upstream_refused"}' not in text:
                 return False
-            # Bytes and the active gauge are sampled twice a second: wait for the sample.
             return (
                 value(text, 'uproxy_flows_closed_total{reason="upstream_refused"}') == 1
                 and value(text, "uproxy_flow_duration_seconds_count") == 4

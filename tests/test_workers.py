@@ -206,3 +206,11 @@ def test_bad_worker_counts_are_usage_errors(value: str) -> None:
         f"uproxy: error: Invalid value for '--workers': '{value}' is not a number of workers "
         "(1 or more, or auto)"
     ]
+
+
+def test_a_signal_while_a_worker_starts_reaches_it_too(lab: Lab, cli_proxy: CliProxy) -> None:
+    # Ready means the first worker's listeners; the second one is still starting then.
+    cli_proxy.start("--workers", "2")
+    cli_proxy.send(signal.SIGTERM)
+    assert cli_proxy.wait_exit(timeout=15) == 0
+    assert lab.proxy.pids() == []
