@@ -9,8 +9,19 @@ import trio
 from udp_tools import UDP_PORT, UdpSocket, echo_server, exchange, udp_proxy, udp_socket
 
 from uproxy_netns import Lab
-from uproxy_trio import Direction, Flow, FlowClosed, Route, Routes, UdpDrop, directions
+from uproxy_trio import (
+    Direction,
+    Flow,
+    FlowClosed,
+    Interceptor,
+    InterceptorFailed,
+    Route,
+    Routes,
+    UdpDrop,
+    directions,
+)
 from uproxy_trio.interceptors import delay, hexdump, label, regex_replace, replace, throttle
+from uproxy_trio.toxics import slicer, slow_close
 
 pytestmark = [pytest.mark.lab]
 
@@ -161,3 +172,25 @@ async def test_routes_take_udp_sessions_and_the_controls_reach_them(inside_proxy
             assert (await exchange(client, b"old", SERVER))[0] == b"oldR\nR\n"
             with udp_socket(lab.client, "192.0.2.2") as newcomer:
                 assert (await exchange(newcomer, b"new", SERVER))[0] == b"newR\nL\nR\nL\n"
+
+
+@pytest.mark.parametrize(
+    "toxic", [slicer(average_size=10), slow_close(delay=10)], ids=["slicer", "slow_close"]
+)
+async def test_stream_toxics_refuse_udp_sessions_with_a_clear_error(
+    inside_proxy: Lab, toxic: Interceptor
+) -> None:
+    """``slicer`` would cut datagrams, ``slow_close`` has no close to delay: on a UDP session
+    each ends the session with an error that says so, and passes nothing."""
+    lab = inside_proxy
+    async with (
+        udp_proxy({"interceptors": [toxic]}) as (_proxy, events),
+        echo_server(lab, SERVER[0]),
+    ):
+        with udp_socket(lab.client, "192.0.2.2") as client:
+            await client.sendto(b"x" * 40, SERVER)
+            (failed,) = await events.wait_for(InterceptorFailed)
+            (closed,) = await events.wait_for(FlowClosed)
+    assert "toxic is for TCP: on UDP session" in str(failed.error)
+    assert closed.reason == "interceptor_failed"
+    assert closed.bytes_client_to_server == 0

@@ -91,6 +91,7 @@ def slow_close(delay: int = 0) -> Interceptor:
     async def delay_close(
         flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
     ) -> AsyncIterator[bytes]:
+        _streams_only("slow_close", "has no close to delay", flow)
         async for chunk in chunks:
             yield chunk
         await trio.sleep(wait_s)
@@ -176,6 +177,7 @@ def slicer(
     async def slice_chunks(
         flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
     ) -> AsyncIterator[bytes]:
+        _streams_only("slicer", "would cut each datagram into several", flow)
         draws = rng(flow, direction)
         async for chunk in chunks:
             for start, end in slice_bounds(0, len(chunk), average, variation, draws):
@@ -183,6 +185,20 @@ def slicer(
                 await trio.sleep(pause_s)
 
     return slice_chunks
+
+
+class StreamsOnly(ValueError):
+    """A toxic that only makes sense on a byte stream met a UDP session."""
+
+
+def _streams_only(toxic: str, why: str, flow: Flow) -> None:
+    """Refuse a UDP session, whose chunks are datagrams, for a toxic made for byte streams:
+    the session ends (``interceptor_failed``) with this error in the log."""
+    if flow.transport != "tcp":
+        raise StreamsOnly(
+            f"the {toxic} toxic is for TCP: on UDP session {flow.id} it {why}; "
+            'give it a route with transport = "tcp"'
+        )
 
 
 def slice_bounds(
