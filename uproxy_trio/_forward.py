@@ -9,14 +9,13 @@ connecting peer and ``flow.server`` the upstream, and their route is the forward
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._address import Address, family_of, format_address
+from ._address import Address, family_of
 from ._interceptor import Interceptor
-from ._transparent import LISTEN_BACKLOG, ConnectFailed, set_nodelay
+from ._transparent import ConnectFailed, listen_on, set_nodelay
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,17 +38,11 @@ def open_forward_listener(address: Address) -> socket.socket:
     sock = socket.socket(family_of(address), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        set_nodelay(sock)
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
-    except OSError as exc:
+    except BaseException:
         sock.close()
-        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        raise OSError(exc.errno, f"cannot listen on {format_address(address)}: {reason}") from exc
-    return sock
+        raise
+    return listen_on(sock, address)
 
 
 def open_upstream(upstream: Address) -> socket.socket:

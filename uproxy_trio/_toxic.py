@@ -49,7 +49,7 @@ def toxic_type(name: str) -> Callable[[ToxicFactoryT], ToxicFactoryT]:
     'module:name(attribute=...)'`` can use it as a plain interceptor on both directions.
 
     Marking registers nothing anywhere: pass the factory to ``toxic_types`` to get a registry
-    that knows it (the config file's ``toxics`` do exactly that).
+    that knows it (the config file's ``toxic_type`` list and ``--toxic-type`` do exactly that).
     """
     if not isinstance(name, str) or not _TYPE_NAME.fullmatch(name):
         raise ValueError(f"toxic type name {name!r}: use letters, digits, '_', '.' or '-'")

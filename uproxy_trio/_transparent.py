@@ -112,9 +112,19 @@ def open_transparent_listener(address: Address, *, reuse_port: bool = False) -> 
     new flows across them (SO_REUSEPORT; TPROXY's listener lookup honours it).
     """
     sock = _transparent_socket(family_of(address))
-    try:
-        if reuse_port:
+    if reuse_port:
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        except BaseException:
+            sock.close()
+            raise
+    return listen_on(sock, address)
+
+
+def listen_on(sock: socket.socket, address: Address) -> socket.socket:
+    """Bind ``sock`` to ``address`` and listen; ``sock`` is closed and ``OSError`` raised, in
+    one line that names the address, if it cannot."""
+    try:
         if sock.family == socket.AF_INET6:
             # One listener per family, as trio does: [::] then means IPv6 only, and a user can
             # list 0.0.0.0 beside it without a clash.
