@@ -189,7 +189,7 @@ async def test_stream_toxics_refuse_udp_sessions_with_a_clear_error(
     ):
         with udp_socket(lab.client, "192.0.2.2") as client:
             await client.sendto(b"x" * 40, SERVER)
-            (failed,) = await events.wait_for(InterceptorFailed)
+            failed = (await events.wait_for(InterceptorFailed))[0]  # one a direction
             (closed,) = await events.wait_for(FlowClosed)
     assert "toxic is for TCP: on UDP session" in str(failed.error)
     assert closed.reason == "interceptor_failed"
