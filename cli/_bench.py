@@ -18,6 +18,7 @@ from uproxy_netns import (
     BenchSettings,
     LabError,
     Relay,
+    UdpRelay,
     UdpSettings,
     format_udp_report,
     run_bench,
@@ -103,7 +104,7 @@ def bench(
     if os.geteuid() != 0:
         raise CommandError("uproxy bench needs root (network namespaces, iptables, apt-get)")
     if udp:
-        _bench_udp(ctx_idle_flows(idle_flows), duration, json_output)
+        _bench_udp(_udp_relays(relay), ctx_idle_flows(idle_flows), duration, json_output)
         return
     settings = BenchSettings(
         relays=_in_bench_order(relay or list(Relay)),
@@ -131,8 +132,25 @@ def ctx_idle_flows(idle_flows: int) -> int:
     return _UDP_DEFAULTS.idle_sessions if idle_flows == _DEFAULTS.idle_flows else idle_flows
 
 
-def _bench_udp(idle_sessions: int, duration: int, json_output: bool) -> None:
-    settings = UdpSettings(duration_s=duration, idle_sessions=idle_sessions)
+def _udp_relays(relays: list[Relay] | None) -> tuple[UdpRelay, ...]:
+    """``--relay`` for ``--udp``: the relays that have UDP, in bench order."""
+    if not relays:
+        return tuple(UdpRelay)
+    names = {relay.value for relay in relays}
+    missing = names - {relay.value for relay in UdpRelay}
+    if missing:
+        raise typer.BadParameter(
+            f"{', '.join(sorted(missing))}: no UDP (with --udp: "
+            f"{', '.join(relay.value for relay in UdpRelay)})",
+            param_hint="'--relay'",
+        )
+    return tuple(relay for relay in UdpRelay if relay.value in names)
+
+
+def _bench_udp(
+    relays: tuple[UdpRelay, ...], idle_sessions: int, duration: int, json_output: bool
+) -> None:
+    settings = UdpSettings(relays=relays, duration_s=duration, idle_sessions=idle_sessions)
     try:
         with _sigterm_as_interrupt():
             results = run_udp_bench(settings, _progress)

@@ -13,8 +13,9 @@ pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("lab")]
 
 
 def test_udp_bench_measures_bulk_packets_round_trips_and_idle_sessions() -> None:
+    bench = ["bench", "--udp", "--relay", "kernel", "--relay", "uproxy"]
     done = subprocess.run(
-        uproxy_argv("bench", "--udp", "--duration", "1", "--idle-flows", "300", "--json"),
+        uproxy_argv(*bench, "--duration", "1", "--idle-flows", "300", "--json"),
         capture_output=True,
         text=True,
         timeout=BENCH_TIMEOUT_S,
@@ -22,7 +23,7 @@ def test_udp_bench_measures_bulk_packets_round_trips_and_idle_sessions() -> None
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
-    assert [result["relay"] for result in results] == ["kernel", "uproxy", "uproxy-identity"]
+    assert [result["relay"] for result in results] == ["kernel", "uproxy"]
     for result in results:
         assert result["bulk_bps"] > 0
         assert result["small_pps"] > 0
@@ -31,3 +32,16 @@ def test_udp_bench_measures_bulk_packets_round_trips_and_idle_sessions() -> None
     idle = results[1]["idle"]
     assert idle["flows"] == 300
     assert idle["relayed"] == 300
+
+
+def test_udp_bench_refuses_a_relay_without_udp() -> None:
+    done = subprocess.run(
+        uproxy_argv("bench", "--udp", "--relay", "haproxy"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "haproxy: no UDP" in done.stderr
+    assert "Traceback" not in done.stderr
