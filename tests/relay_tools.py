@@ -103,7 +103,7 @@ async def relay_one(
         try:
             async with trio.open_nursery() as nursery:
                 plan = _Plan(None, (), DEFAULT_CONNECT_TIMEOUT_S, None)  # its chains: below
-                live = _LiveFlow(FLOW, 0.0, nursery.cancel_scope, flow.ending, plan)
+                live = _LiveFlow(FLOW, 0.0, nursery, flow.ending, plan)
                 flow.ways = live.ways = both_ways(
                     flow.client_inner, flow.server_inner, readiness, shared
                 )

@@ -435,38 +435,40 @@ class Way(DirectionState):
     # -- the intercepted path ---------------------------------------------------------------
 
     async def relay_intercepted(
-        self, flow: Flow, chain: Sequence[Interceptor], live: Callable[[], Sequence[Interceptor]]
+        self,
+        flow: Flow,
+        chain: Sequence[Interceptor],
+        live: Callable[[], Sequence[Interceptor]],
+        nursery: trio.Nursery,
     ) -> tuple[EndKind, BaseException | None] | None:
-        """Move this direction through its live interceptors (``live()`` says which, now) and
-        ``chain`` until it ends: how it ended, and what an interceptor raised if that was the
-        end; ``None`` if it ended because nothing intercepts it any more (back to the plain
-        path, at a chunk boundary: nothing read is left behind)."""
+        """Move this direction through its live interceptors (``live()`` says which, now;
+        their tasks run in the flow's ``nursery``) and ``chain`` until it ends: how it ended,
+        and what an interceptor raised if that was the end; ``None`` if it ended because
+        nothing intercepts it any more (back to the plain path, at a chunk boundary: nothing
+        read is left behind)."""
         if self.held and not await self._deliver_held():
             return _SINK_RESET, None
+        segment = LiveSegment(flow, _Tap(self), self.direction, live, bool(chain), nursery)
+        self.segment = segment
         try:
-            async with trio.open_nursery() as stages:
-                segment = LiveSegment(flow, _Tap(self), self.direction, live, bool(chain), stages)
-                self.segment = segment
-                try:
-                    delivered = await run_chain(flow, self.direction, chain, segment, self.send_all)
-                finally:
-                    self.segment = None
-                    stages.cancel_scope.cancel()  # whatever live stage is left, at a sink reset
+            delivered = await run_chain(flow, self.direction, chain, segment, self.send_all)
         except Exception as exc:  # noqa: BLE001 - whatever an interceptor raises ends its flow only
-            error = _single(exc)
             # The source's reset reached the chain as an exception, which an interceptor may
             # even have swallowed: the reset is what ended the direction, not the interceptor.
             if self.end is _SOURCE_RESET:
                 return _SOURCE_RESET, None
-            if isinstance(error, CloseFlow):
+            if isinstance(exc, CloseFlow):
                 return EndKind.INTERCEPTOR_CLOSED, None
-            if isinstance(error, ResetFlow):
+            if isinstance(exc, ResetFlow):
                 return EndKind.INTERCEPTOR_RESET, None
-            return EndKind.INTERCEPTOR_FAILED, error
+            return EndKind.INTERCEPTOR_FAILED, exc
+        finally:
+            self.segment = None
+            segment.close()
         if self.end is _SOURCE_RESET:
             return _SOURCE_RESET, None
         if not delivered:
-            return _SINK_RESET, None
+            return _SINK_RESET, None  # (live stages left, if any, go with the flow's reset)
         if segment.switched:
             return None
         return _EOF, None
@@ -571,13 +573,6 @@ class _Tap:
             )
             self._reads += 1
             return data
-
-
-def _single(error: Exception) -> Exception:
-    """The one error inside the exception groups the live stages' nurseries wrap it in."""
-    while isinstance(error, ExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
 
 
 def both_ways(

@@ -3,9 +3,11 @@ them on and lets them go mid-stream, at a chunk boundary, without losing or reor
 
 A direction running live interceptors reads its source through a ``LiveSegment``: a stack of
 stages, one per live interceptor, the newest nearest the source. Each stage runs its
-generator behind ``trio.as_safe_channel`` in a task of the segment's nursery, so that the
+generator behind ``trio.as_safe_channel`` in a task of the flow's nursery, so that the
 stages come and go independently, and a stage's timers (a toxic that resets the flow after a
-while) run from when it reached the flow, whatever happens to the stages around it. The
+while) run from when it reached the flow, whatever happens to the stages around it. What a
+stage's generator raises is raised in the direction's task, where its data would have gone,
+so it ends the flow as a static interceptor's exception would. The
 route's static interceptors, if any, read the segment's output as their source, and never
 notice a change below them.
 
@@ -61,9 +63,11 @@ class _StageOutput:
                 return await stage.output.receive()
             except trio.EndOfChannel:
                 stage.finished.set()
-        # The generator is over. Only a clean end lets the stage's task set ``done`` (and close
-        # the channel); an error ends the segment's nursery first, and this wait with it.
+        # The generator is over: once its task has closed it, its end is the reader's, or
+        # what it raised is raised here, in the direction's task, as a static one's would be.
         await stage.done.wait()
+        if stage.error is not None:
+            raise stage.error
         return None
 
 
@@ -157,7 +161,16 @@ class _Inlet:
 class _Stage:
     """One live interceptor running on one direction of one flow."""
 
-    __slots__ = ("done", "finished", "interceptor", "output", "reader", "removed")
+    __slots__ = (
+        "done",
+        "error",
+        "finished",
+        "interceptor",
+        "output",
+        "reader",
+        "removed",
+        "scope",
+    )
 
     def __init__(self, interceptor: Interceptor, below: Source) -> None:
         self.interceptor = interceptor
@@ -165,16 +178,22 @@ class _Stage:
         self.output: trio.abc.ReceiveChannel[bytes] | None = None
         self.removed = False
         self.finished = trio.Event()  # the reader above has seen its end
-        self.done = trio.Event()  # and its generator closed cleanly
+        self.done = trio.Event()  # and its generator is closed
+        self.error: Exception | None = None  # what it raised, if it did
+        self.scope = trio.CancelScope()  # cancelled if its direction ends with it running
 
     async def run(
         self, flow: Flow, direction: Direction, task_status: trio.TaskStatus[None]
     ) -> None:
         safe = trio.as_safe_channel(cast(Any, self.interceptor))
-        async with safe(flow, direction, _Inlet(self.reader)) as output:
-            self.output = output
-            task_status.started()
-            await self.finished.wait()
+        try:
+            with self.scope:
+                async with safe(flow, direction, _Inlet(self.reader)) as output:
+                    self.output = output
+                    task_status.started()
+                    await self.finished.wait()
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, in the direction's task
+            self.error = exc
         self.done.set()
 
     def remove(self) -> None:
@@ -216,6 +235,11 @@ class LiveSegment:
 
     def __aiter__(self) -> LiveSegment:
         return self
+
+    def close(self) -> None:
+        """The direction is over (or leaves this segment): end the stages still running."""
+        for stage in self._stages:
+            stage.scope.cancel()
 
     def changed(self) -> None:
         """The wanted interceptors may have changed: look at the next chunk boundary.

@@ -143,14 +143,14 @@ class _LiveFlow:
     directions (for their byte counts), how it is ending, the cancel scope that tears it down,
     its plan (the sweep reads its idle timeout there), and its chains."""
 
-    __slots__ = ("chains", "ending", "flow", "intercepted", "plan", "scope", "started", "ways")
+    __slots__ = ("chains", "ending", "flow", "intercepted", "nursery", "plan", "started", "ways")
 
     def __init__(
-        self, flow: Flow, started: float, scope: trio.CancelScope, ending: FlowEnding, plan: _Plan
+        self, flow: Flow, started: float, nursery: trio.Nursery, ending: FlowEnding, plan: _Plan
     ) -> None:
         self.flow = flow
         self.started = started
-        self.scope = scope
+        self.nursery = nursery  # its two relay tasks, and the tasks of its live interceptors
         self.ending = ending
         self.plan = plan
         self.ways: tuple[Way, Way] | None = None  # None while connecting
@@ -183,7 +183,7 @@ class _LiveFlow:
     def stop(self, why: Stop) -> None:
         """End the flow now, with a reset, wherever its tasks wait (unless it is over)."""
         if self.ending.stop(why):
-            self.scope.cancel()
+            self.nursery.cancel_scope.cancel()
 
 
 class _ForwardRun:
@@ -636,7 +636,7 @@ class Proxy:
                         # The flow's one cancel scope: the connect timeout is its deadline.
                         scope = nursery.cancel_scope
                         scope.deadline = started + plan.connect_timeout
-                        live = _LiveFlow(flow, started, scope, ending, plan)
+                        live = _LiveFlow(flow, started, nursery, ending, plan)
                         self._live[flow.id] = live
                         try:
                             await connect_out(server_sock, flow.server, readiness)
@@ -776,7 +776,7 @@ async def relay_direction(
             if chain or (live_chains and _live_now(flow, way, live, live_chains)):
                 live.intercepted = True
                 wanted = functools.partial(_live_now, flow, way, live, live_chains)
-                result = await way.relay_intercepted(flow, chain, wanted)
+                result = await way.relay_intercepted(flow, chain, wanted, live.nursery)
                 if result is not None:
                     end, error = result
                 # else nothing intercepts it any more: back to the plain path.
@@ -798,7 +798,7 @@ async def relay_direction(
     elif error is not None:
         emit(InterceptorFailed(flow, way.direction, error))
     if ending.record(DirectionEnd(way.direction, end, error)):
-        live.scope.cancel()
+        live.nursery.cancel_scope.cancel()
 
 
 def _live_now(
