@@ -141,7 +141,7 @@ async def test_routes_take_udp_sessions_and_the_controls_reach_them(inside_proxy
     """A route for ``transport = "udp"`` gives UDP sessions their interceptors (and TCP
     flows none); ``flows()`` lists the sessions, ``reset_flow`` ends one, ``set_enabled``
     ends a route's sessions and drops its new ones until enabled again, and live interceptors
-    reach the sessions that start after them."""
+    reach the sessions in flight and those that start after them."""
     lab = inside_proxy
     routes = Routes([Route("dns", transport="udp", port=UDP_PORT, interceptors=[label("R")])])
     async with udp_proxy({"routes": routes}) as (proxy, events), echo_server(lab, SERVER[0]):
@@ -167,11 +167,15 @@ async def test_routes_take_udp_sessions_and_the_controls_reach_them(inside_proxy
             assert proxy.udp.dropped[UdpDrop.ROUTE_DISABLED] == 1
             proxy.set_enabled("dns", True)
             assert (await exchange(client, b"on", SERVER))[0] == b"onR\nR\n"
-            # Live interceptors reach the sessions that start after they are set.
+            # Live interceptors reach the sessions in flight (at their next datagram) and the
+            # ones that start after them, nearest the source, before the route's own; and
+            # leave them again.
             proxy.set_live_interceptors("dns", [label("L")])
-            assert (await exchange(client, b"old", SERVER))[0] == b"oldR\nR\n"
+            assert (await exchange(client, b"old", SERVER))[0] == b"oldL\nR\nL\nR\n"
             with udp_socket(lab.client, "192.0.2.2") as newcomer:
-                assert (await exchange(newcomer, b"new", SERVER))[0] == b"newR\nL\nR\nL\n"
+                assert (await exchange(newcomer, b"new", SERVER))[0] == b"newL\nR\nL\nR\n"
+            proxy.set_live_interceptors("dns", [])
+            assert (await exchange(client, b"back", SERVER))[0] == b"backR\nR\n"
 
 
 @pytest.mark.parametrize(
@@ -194,3 +198,27 @@ async def test_stream_toxics_refuse_udp_sessions_with_a_clear_error(
     assert "toxic is for TCP: on UDP session" in str(failed.error)
     assert closed.reason == "interceptor_failed"
     assert closed.bytes_client_to_server == 0
+
+
+async def test_a_session_in_flight_moves_on_and_off_the_interceptor_path(
+    inside_proxy: Lab,
+) -> None:
+    """A plain session (no route, no interceptor) takes live interceptors and lets them go
+    again, two hundred times, at a datagram's boundary: the next datagram after each change
+    goes the new way, and none is lost or reordered."""
+    lab = inside_proxy
+    async with udp_proxy({}) as (proxy, events), echo_server(lab, SERVER[0]):
+        with udp_socket(lab.client, "192.0.2.2") as client:
+            for number in range(200):
+                tagged = number % 2 == 1
+                proxy.set_live_interceptors(None, [label("L")] if tagged else [])
+                sent = b"%d" % number
+                expected = sent + b"L\nL\n" if tagged else sent
+                assert (await exchange(client, sent, SERVER))[0] == expected
+            (info,) = proxy.flows()
+            assert info.interceptors == ("add_label",)
+            proxy.set_live_interceptors(None, [])
+            assert (await exchange(client, b"plain", SERVER))[0] == b"plain"
+            assert proxy.flows()[0].interceptors == ()
+    (closed,) = events.of_type(FlowClosed)
+    assert closed.intercepted

@@ -41,8 +41,8 @@ import trio
 
 from ._ending import CloseFlow, EndKind, ResetFlow
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor, chain_for, picks_flows, run_chain, wants
-from ._live import Interrupted, LiveSegment
+from ._interceptor import Interceptor, run_chain
+from ._live import Interrupted, LiveSegment, picks
 from ._readiness import PEER_CLOSED, POKED, READABLE, WRITABLE, Readiness, Side, Turn, bit
 from ._splice import SPLICE_FLAGS, Pipe, PipePool
 
@@ -278,24 +278,12 @@ class Way(DirectionState):
             self.readiness.release(self)  # the plain path: wake the task from the reactor
 
     def picks(self, flow: Flow, interceptors: Sequence[Interceptor]) -> tuple[Interceptor, ...]:
-        """Which of a route's live ``interceptors`` run on this direction of ``flow``.
-
-        An interceptor that picks its flows is asked once, when it first reaches this
-        direction; the answer is kept for as long as it stays on the route.
-        """
-        mine = []
-        for interceptor in chain_for(interceptors, self.direction):
-            if picks_flows(interceptor):
-                picked = self.picked
-                if picked is None:
-                    picked = self.picked = {}
-                key = id(interceptor)
-                if key not in picked:
-                    picked[key] = wants(interceptor, flow)
-                if not picked[key]:
-                    continue
-            mine.append(interceptor)
-        return tuple(mine)
+        """Which of a route's live ``interceptors`` run on this direction of ``flow``."""
+        if not interceptors:
+            return ()
+        if self.picked is None:
+            self.picked = {}
+        return picks(flow, self.direction, interceptors, self.picked)
 
     # -- the plain path ---------------------------------------------------------------------
 

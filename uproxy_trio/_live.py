@@ -31,7 +31,7 @@ from typing import Any, Protocol, cast
 import trio
 
 from ._flow import Direction, Flow
-from ._interceptor import Interceptor
+from ._interceptor import Interceptor, chain_for, picks_flows, wants
 
 
 class Source(Protocol):
@@ -302,3 +302,27 @@ class LiveSegment:
                 reader.below = output
                 reader.interrupt()
         self._stages.insert(0, stage)
+
+
+def picks(
+    flow: Flow,
+    direction: Direction,
+    interceptors: Sequence[Interceptor],
+    picked: dict[int, bool],
+) -> tuple[Interceptor, ...]:
+    """Which of a route's live ``interceptors`` run on ``direction`` of ``flow``.
+
+    An interceptor that picks its flows (``for_flows``) is asked once, when it first reaches
+    the direction; ``picked`` keeps the answers (by the interceptor's id) for as long as the
+    direction runs.
+    """
+    mine = []
+    for interceptor in chain_for(interceptors, direction):
+        if picks_flows(interceptor):
+            key = id(interceptor)
+            if key not in picked:
+                picked[key] = wants(interceptor, flow)
+            if not picked[key]:
+                continue
+        mine.append(interceptor)
+    return tuple(mine)

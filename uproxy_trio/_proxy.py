@@ -317,7 +317,8 @@ class Proxy:
         moves onto the interceptor path, and back once none is left, without losing or
         reordering a byte. An interceptor already running on a flow goes on as it was
         (its state and timers kept); one taken away sees the end of its chunks and may
-        flush what it holds. ``for_flows`` interceptors are asked once per flow.
+        flush what it holds. ``for_flows`` interceptors are asked once per flow. A UDP
+        session takes the change at its next datagram.
         """
         interceptors = tuple(interceptors)
         if interceptors:
@@ -328,6 +329,7 @@ class Proxy:
             if live.plan.route == route and live.ways is not None:
                 for way in live.ways:
                     way.changed()
+        self.udp.changed(route)  # UDP sessions in flight too, at their next datagram
 
     def live_interceptors(self, route: str | None) -> tuple[Interceptor, ...]:
         """The interceptors set on ``route`` with ``set_live_interceptors``."""

@@ -21,6 +21,7 @@ reactor runs on edges (``_udp_way``).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import socket
@@ -40,7 +41,7 @@ from ._datagram import (
 )
 from ._events import EventSink, FlowClosed, FlowOpened, InterceptorFailed
 from ._flow import Direction, Flow, FlowInfo
-from ._interceptor import Interceptor, chain_for, wants
+from ._interceptor import Interceptor
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._transparent import is_own_listener
 from ._udp_way import DatagramEnd, DatagramWay, Drop, both_ways
@@ -98,9 +99,10 @@ class _Session:
         "chains",
         "client_sock",
         "flow",
+        "intercepted",
+        "nursery",
         "reason",
         "route",
-        "scope",
         "server_sock",
         "started",
         "ways",
@@ -120,16 +122,17 @@ class _Session:
         self.client_sock = client_sock
         self.server_sock = server_sock
         self.ways = ways
-        self.scope: trio.CancelScope | None = None
+        self.nursery: trio.Nursery | None = None
         self.reason: str | None = None
         self.started = trio.current_time()
+        self.intercepted = any(self.chains.values())
 
     def stop(self, reason: str) -> None:
         """End the session now (unless it is ending already), wherever its tasks wait."""
         if self.reason is None:
             self.reason = reason
-        if self.scope is not None:
-            self.scope.cancel()
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
 
     def datagrams(self) -> int:
         return self.ways[0].datagrams + self.ways[1].datagrams
@@ -200,8 +203,11 @@ class UdpSessions:
                 tuple(
                     {
                         getattr(interceptor, "__name__", type(interceptor).__name__): None
-                        for chain in session.chains.values()
-                        for interceptor in chain
+                        for way in session.ways
+                        for interceptor in (
+                            *session.chains[way.direction],
+                            *way.picks(self._live_interceptors(session.route)),
+                        )
                     }
                 ),
                 session.ways[0].written,
@@ -302,14 +308,6 @@ class UdpSessions:
             flow, client_sock, server_sock, readiness, self._buffer, self.dropped, self._stray
         )
         session = _Session(flow, plan, client_sock, server_sock, ways)
-        # Interceptors set on the route while the proxy runs: taken when a session starts
-        # (after the route's own), not by the sessions in flight.
-        live = [i for i in self._live_interceptors(plan.route) if wants(i, flow)]
-        if live:
-            session.chains = {
-                direction: (*session.chains[direction], *chain_for(live, direction))
-                for direction in Direction
-            }
         self._table[(client, server)] = session
         self.sessions_total += 1
         assert self._nursery is not None, "UdpSessions.run is not running"
@@ -344,7 +342,7 @@ class UdpSessions:
                 async with trio.open_nursery() as nursery:
                     # The session's one cancel scope: the sweep, an ending direction and the
                     # proxy's end all cancel it.
-                    session.scope = nursery.cancel_scope
+                    session.nursery = nursery
                     if session.reason is not None:
                         nursery.cancel_scope.cancel()  # stopped before it started
                     for way in session.ways:
@@ -368,7 +366,7 @@ class UdpSessions:
                     to_server,
                     to_client,
                     trio.current_time() - session.started,
-                    any(session.chains.values()),
+                    session.intercepted,
                     session.route,
                 )
             )
@@ -376,14 +374,36 @@ class UdpSessions:
     async def _relay(
         self, session: _Session, way: DatagramWay, chain: Sequence[Interceptor]
     ) -> None:
-        """One direction until it ends, which ends the session."""
-        if chain:
-            error = await way.relay_intercepted(session.flow, chain)
-            if error is not None:
-                self._emit(InterceptorFailed(session.flow, way.direction, error))
-        else:
-            await way.readiness.pump(way)
+        """One direction until it ends, which ends the session: pumped by the reactor, or
+        through its interceptors (the route's ``chain`` and its live ones), moving between
+        the two as the live ones come and go."""
+        while way.end is None:
+            way.switching = False
+            if chain or way.picks(self._live_interceptors(session.route)):
+                session.intercepted = True
+                wanted = functools.partial(self._live_for, session, way)
+                assert session.nursery is not None
+                error, switched = await way.relay_intercepted(
+                    session.flow, chain, wanted, session.nursery
+                )
+                if error is not None:
+                    self._emit(InterceptorFailed(session.flow, way.direction, error))
+                if not switched:
+                    break
+            else:
+                await way.readiness.pump(way)  # back at once (no end) when live ones come
         session.stop(_close_reason(way))
+
+    def _live_for(self, session: _Session, way: DatagramWay) -> tuple[Interceptor, ...]:
+        return way.picks(self._live_interceptors(session.route))
+
+    def changed(self, route: str | None) -> None:
+        """The live interceptors of ``route`` have changed: its sessions in flight take them
+        at their next datagram."""
+        for session in self._table.values():
+            if session.route == route and session.nursery is not None:
+                for way in session.ways:
+                    way.changed()
 
     async def _sweep(self) -> None:
         """Stop the sessions that moved no datagram either way for the idle timeout.

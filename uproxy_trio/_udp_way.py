@@ -25,7 +25,7 @@ import errno
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 
 import trio
 
@@ -34,7 +34,8 @@ from ._datagram import MAX_DATAGRAM, PEER_GONE_ERRNOS
 from ._ending import CloseFlow, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
-from ._readiness import READABLE, WRITABLE, Readiness, Side, Turn, bit
+from ._live import Interrupted, LiveSegment, picks
+from ._readiness import POKED, READABLE, WRITABLE, Readiness, Side, Turn, bit
 
 # Datagrams one pump moves per turn before the other sessions go (a 64-byte datagram costs
 # about 4 us here, so a turn stays well under the reactor's round).
@@ -95,6 +96,9 @@ _BITS = {
     Direction.SERVER_TO_CLIENT: (bit(Side.SERVER, READABLE), bit(Side.CLIENT, WRITABLE)),
 }
 
+# The bit ``DatagramWay.changed`` pokes, to interrupt a direction's task reading its source.
+_POKED = {Direction.CLIENT_TO_SERVER: POKED, Direction.SERVER_TO_CLIENT: POKED << 1}
+
 _STUCK, _MORE, _DONE = Turn.STUCK, Turn.MORE, Turn.DONE
 _SOURCE_GONE, _SINK_GONE = DatagramEnd.SOURCE_GONE, DatagramEnd.SINK_GONE
 
@@ -122,11 +126,14 @@ class DatagramWay:
         "inbox",
         "mask",
         "on_stray",
+        "picked",
         "read",
         "readable",
         "readiness",
+        "segment",
         "sink",
         "source",
+        "switching",
         "writable",
         "written",
     )
@@ -170,6 +177,29 @@ class DatagramWay:
         # until the socket has been found empty some time after that.
         self._checking = True
         self._trusted_from = time.monotonic() + STRAY_WINDOW_S
+        # Live interceptors (``_live``), as for TCP (``_direction.Way``).
+        self.switching = False
+        self.segment: LiveSegment | None = None
+        self.picked: dict[int, bool] | None = None
+
+    def changed(self) -> None:
+        """The live interceptors of this session's route have changed: take them on (or let
+        them go) at the next datagram."""
+        self.switching = True
+        segment = self.segment
+        if segment is not None:
+            segment.changed()
+            self.readiness.poke(_POKED[self.direction])
+        else:
+            self.readiness.release(self)  # the plain path: wake the task from the reactor
+
+    def picks(self, interceptors: Sequence[Interceptor]) -> tuple[Interceptor, ...]:
+        """Which of a route's live ``interceptors`` run on this direction."""
+        if not interceptors:
+            return ()
+        if self.picked is None:
+            self.picked = {}
+        return picks(self.flow, self.direction, interceptors, self.picked)
 
     # -- datagrams that reached the listener instead -----------------------------------------
 
@@ -212,6 +242,8 @@ class DatagramWay:
 
     def turn(self) -> Turn:
         """Move up to ``TURN_DATAGRAMS`` datagrams without blocking."""
+        if self.switching:
+            return _DONE  # (with no ``end``): the task takes the direction back
         if self.held is not None or self.inbox is not None:
             waiting = self._send_waiting()
             if waiting is not None:
@@ -318,18 +350,32 @@ class DatagramWay:
     # -- the intercepted path ----------------------------------------------------------------
 
     async def relay_intercepted(
-        self, flow: Flow, chain: Sequence[Interceptor]
-    ) -> BaseException | None:
-        """Move datagrams through ``chain`` until the direction ends; what the chain raised,
-        if that was the end."""
+        self,
+        flow: Flow,
+        chain: Sequence[Interceptor],
+        live: Callable[[], Sequence[Interceptor]],
+        nursery: trio.Nursery,
+    ) -> tuple[BaseException | None, bool]:
+        """Move datagrams through the live interceptors (``live()`` says which, now; their
+        tasks run in the session's ``nursery``) and ``chain`` until the direction ends: what
+        the chain raised, if that was the end; and whether it stopped because nothing
+        intercepts it any more (back to the plain path, at a datagram's boundary)."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            if not await self.send_one(held):
+                return None, False
+        segment = LiveSegment(flow, _DatagramTap(self), self.direction, live, bool(chain), nursery)
+        self.segment = segment
         try:
             # It returns early only when the sink's peer is gone, which ``end`` says already.
-            await run_chain(flow, self.direction, chain, self.datagrams_in(), self.send_one)
+            await run_chain(flow, self.direction, chain, segment, self.send_one)
+            if segment.switched:
+                return None, True
             if self.end is None:
                 self.end = DatagramEnd.CHAIN_ENDED
         except Exception as exc:  # noqa: BLE001 - whatever an interceptor raises ends its session only
             if self.end is not None:
-                return None  # the source's error reached the chain: that ended it
+                return None, False  # the source's error reached the chain: that ended it
             # CloseFlow and ResetFlow are asked for, not failures; a session has no FIN or
             # RST to choose between, so either just ends it.
             if isinstance(exc, CloseFlow):
@@ -338,40 +384,11 @@ class DatagramWay:
                 self.end = DatagramEnd.INTERCEPTOR_RESET
             else:
                 self.end = DatagramEnd.INTERCEPTOR_FAILED
-                return exc
-            return None
-        return None
-
-    async def datagrams_in(self) -> AsyncIterator[bytes]:
-        """The source's datagrams, one per chunk, from the session's peer only."""
-        readiness, readable, source, peer = self.readiness, self.readable, self.source, self._peer
-        reads = 0
-        while True:
-            if self.inbox is not None:
-                yield self._next_in_inbox()
-                continue
-            if not readiness.bits & readable:
-                await readiness.wait(readable)
-                reads = 0
-            try:
-                data, sender = source.recvfrom(MAX_DATAGRAM)
-            except BlockingIOError:
-                readiness.clear(readable)
-                continue
-            except OSError as exc:
-                if self._gone(exc, _SOURCE_GONE):
-                    raise
-                continue
-            if sender != peer and sender[:2] != peer:
-                self._stray(data, sender)
-                continue
-            self.datagrams += 1
-            self.read += len(data)
-            reads += 1
-            if reads >= FAIRNESS_READS:
-                await trio.lowlevel.checkpoint()
-                reads = 0
-            yield data
+                return exc, False
+        finally:
+            self.segment = None
+            segment.close()
+        return None, False
 
     async def send_one(self, datagram: bytes) -> bool:
         """Send ``datagram`` as one datagram, waiting while the sink's buffer is full; false
@@ -389,6 +406,55 @@ class DatagramWay:
                 return not self._gone(exc, _SINK_GONE, dropping=True)
             self.written += len(datagram)
             return True
+
+
+class _DatagramTap:
+    """A direction's source for its interceptors: one datagram per read, from the session's
+    peer only (a stray goes back to the listener's path), the ones that reached the listener
+    first. UDP has no end of stream: a read never returns ``None``; a peer gone raises."""
+
+    __slots__ = ("_poked", "_reads", "_way")
+
+    def __init__(self, way: DatagramWay) -> None:
+        self._way = way
+        self._reads = 0
+        self._poked = _POKED[way.direction]
+
+    async def read(self, interruptible: bool = False) -> bytes | None:
+        way = self._way
+        readiness, readable, source, peer = way.readiness, way.readable, way.source, way._peer
+        poked = self._poked if interruptible else 0
+        if self._reads >= FAIRNESS_READS:
+            # (before reading, never after: a cancellation here loses nothing)
+            await trio.lowlevel.checkpoint()
+            self._reads = 0
+        while True:
+            if way.inbox is not None:
+                return way._next_in_inbox()
+            bits = readiness.bits
+            if bits & poked:
+                readiness.clear(poked)
+                raise Interrupted
+            if not bits & readable:
+                await readiness.wait(readable | poked)
+                self._reads = 0
+                continue
+            try:
+                data, sender = source.recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
+                readiness.clear(readable)
+                continue
+            except OSError as exc:
+                if way._gone(exc, _SOURCE_GONE):
+                    raise
+                continue
+            if sender != peer and sender[:2] != peer:
+                way._stray(data, sender)
+                continue
+            way.datagrams += 1
+            way.read += len(data)
+            self._reads += 1
+            return data
 
 
 def both_ways(
