@@ -42,7 +42,7 @@ import trio
 from ._ending import CloseFlow, EndKind, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
-from ._live import Interrupted, LiveSegment, picks
+from ._live import LiveSegment, picks, until_readable
 from ._readiness import PEER_CLOSED, POKED, READABLE, WRITABLE, Readiness, Side, Turn, bit
 from ._splice import SPLICE_FLAGS, Pipe, PipePool
 
@@ -535,14 +535,8 @@ class _Tap:
             await trio.lowlevel.checkpoint()
             self._reads = 0
         while True:
-            bits = readiness.bits
-            if bits & poked:
-                readiness.clear(poked)
-                raise Interrupted
-            if not bits & readable:
-                await readiness.wait(readable | poked)
+            if await until_readable(readiness, readable, poked):
                 self._reads = 0
-                continue
             try:
                 data = source.recv(size)
             except BlockingIOError:

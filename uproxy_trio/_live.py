@@ -32,6 +32,7 @@ import trio
 
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, chain_for, picks_flows, wants
+from ._readiness import Readiness
 
 
 class Source(Protocol):
@@ -69,6 +70,21 @@ class _StageOutput:
         if stage.error is not None:
             raise stage.error
         return None
+
+
+async def until_readable(readiness: Readiness, readable: int, poked: int) -> bool:
+    """Return once ``readable`` may be set (true if that took a wait); raise ``Interrupted``
+    if ``poked`` is set first (``poked`` 0: never)."""
+    waited = False
+    while True:
+        bits = readiness.bits
+        if bits & poked:
+            readiness.clear(poked)
+            raise Interrupted
+        if bits & readable:
+            return waited
+        await readiness.wait(readable | poked)
+        waited = True
 
 
 class _Gated:

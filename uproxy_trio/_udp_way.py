@@ -34,7 +34,7 @@ from ._datagram import MAX_DATAGRAM, PEER_GONE_ERRNOS
 from ._ending import CloseFlow, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
-from ._live import Interrupted, LiveSegment, picks
+from ._live import LiveSegment, picks, until_readable
 from ._readiness import POKED, READABLE, WRITABLE, Readiness, Side, Turn, bit
 
 # Datagrams one pump moves per turn before the other sessions go (a 64-byte datagram costs
@@ -431,12 +431,8 @@ class _DatagramTap:
         while True:
             if way.inbox is not None:
                 return way._next_in_inbox()
-            bits = readiness.bits
-            if bits & poked:
-                readiness.clear(poked)
-                raise Interrupted
-            if not bits & readable:
-                await readiness.wait(readable | poked)
+            # (a datagram that reached the listener meanwhile wakes this wait too)
+            if await until_readable(readiness, readable, poked):
                 self._reads = 0
                 continue
             try:
