@@ -22,6 +22,7 @@ import trio
 from uproxy_trio import Direction, Flow, FlowEvent, Interceptor
 from uproxy_trio._direction import SharedBuffers, Way, both_ways
 from uproxy_trio._ending import FlowEnding
+from uproxy_trio._live import changed
 from uproxy_trio._proxy import (
     DEFAULT_CONNECT_TIMEOUT_S,
     _LiveFlow,
@@ -65,7 +66,7 @@ class LoopbackFlow:
         """Tell both directions their live interceptors changed, as ``Proxy`` does."""
         assert self.ways is not None
         for way in self.ways:
-            way.changed()
+            changed(way)
 
     @property
     def written(self) -> tuple[int, int]:

@@ -17,7 +17,7 @@ it ended. ``Way`` adds the sockets and moves the bytes, on one of two paths:
   (``Way.send_all``), waiting on the same readiness.
 
 A direction moves between the two paths while it runs when its route's live interceptors
-change (``Way.changed``): the reactor lets its pump go (bytes it holds are delivered first on
+change (``_live.changed``): the reactor lets its pump go (bytes it holds are delivered first on
 the other path), or its live segment ends at a chunk boundary.
 
 Nothing awaits between reading into the shared buffer and writing it out, so one buffer is
@@ -42,8 +42,8 @@ import trio
 from ._ending import CloseFlow, EndKind, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
-from ._live import LiveSegment, picks, until_readable
-from ._readiness import PEER_CLOSED, POKED, READABLE, WRITABLE, Readiness, Side, Turn, bit
+from ._live import POKED_BITS, LiveSegment, until_readable
+from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, Turn, bit
 from ._splice import SPLICE_FLAGS, Pipe, PipePool
 
 # The shared buffer for plain reads. A read that fills it means bulk data, which then moves
@@ -216,8 +216,6 @@ _BITS = {
         bit(Side.CLIENT, WRITABLE),
     ),
 }
-# The bit ``Way.changed`` pokes, to interrupt a direction's task reading its source.
-_POKED = {Direction.CLIENT_TO_SERVER: POKED, Direction.SERVER_TO_CLIENT: POKED << 1}
 
 
 class Way(DirectionState):
@@ -265,25 +263,6 @@ class Way(DirectionState):
         self.switching = False
         self.segment: LiveSegment | None = None
         self.picked: dict[int, bool] | None = None
-
-    def changed(self) -> None:
-        """The live interceptors of this direction's route have changed: take them on (or let
-        them go) at the next chunk boundary."""
-        self.switching = True
-        segment = self.segment
-        if segment is not None:
-            segment.changed()
-            self.readiness.poke(_POKED[self.direction])
-        else:
-            self.readiness.release(self)  # the plain path: wake the task from the reactor
-
-    def picks(self, flow: Flow, interceptors: Sequence[Interceptor]) -> tuple[Interceptor, ...]:
-        """Which of a route's live ``interceptors`` run on this direction of ``flow``."""
-        if not interceptors:
-            return ()
-        if self.picked is None:
-            self.picked = {}
-        return picks(flow, self.direction, interceptors, self.picked)
 
     # -- the plain path ---------------------------------------------------------------------
 
@@ -521,11 +500,11 @@ class _Tap:
         self._way = way
         self._reads = 0
         self._size = INTERCEPT_FIRST_READ
-        self._poked = _POKED[way.direction]
+        self._poked = POKED_BITS[way.direction]
 
     async def read(self, interruptible: bool = False) -> bytes | None:
         """The next chunk, ``None`` at the EOF. ``interruptible``: raise ``Interrupted`` when
-        ``Way.changed`` pokes, rather than go on waiting (the direction's own task reads the
+        ``_live.changed`` pokes, rather than go on waiting (the direction's own task reads the
         source directly, with no live interceptor between)."""
         way = self._way
         readiness, readable, source, size = way.readiness, way.readable, way.source, self._size

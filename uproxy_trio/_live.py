@@ -32,7 +32,7 @@ import trio
 
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, chain_for, picks_flows, wants
-from ._readiness import Readiness
+from ._readiness import POKED, Readiness
 
 
 class Source(Protocol):
@@ -70,6 +70,48 @@ class _StageOutput:
         if stage.error is not None:
             raise stage.error
         return None
+
+
+# The bit a change pokes, to interrupt a direction's task reading its source directly.
+POKED_BITS = {Direction.CLIENT_TO_SERVER: POKED, Direction.SERVER_TO_CLIENT: POKED << 1}
+
+
+class Switchable(Protocol):
+    """A direction with a pump that can take live interceptors on and let them go: TCP's
+    ``Way`` and UDP's ``DatagramWay``."""
+
+    direction: Direction
+    readiness: Readiness
+    switching: bool
+    """A change waits to be taken: the pump's next turn ends its time with the reactor, and
+    the direction's task looks again."""
+    segment: LiveSegment | None
+    """Set while the direction runs its interceptors."""
+    picked: dict[int, bool] | None
+    """What the interceptors that pick their flows (``for_flows``) said of this one."""
+
+
+def changed(way: Switchable) -> None:
+    """The live interceptors of ``way``'s route have changed: it takes them on (or lets them
+    go) at its next chunk (or datagram)."""
+    way.switching = True
+    segment = way.segment
+    if segment is not None:
+        segment.changed()
+        way.readiness.poke(POKED_BITS[way.direction])
+    else:
+        way.readiness.release(way)  # the plain path: wake the task from the reactor
+
+
+def live_picks(
+    way: Switchable, flow: Flow, interceptors: Sequence[Interceptor]
+) -> tuple[Interceptor, ...]:
+    """Which of a route's live ``interceptors`` run on ``way``, a direction of ``flow``."""
+    if not interceptors:
+        return ()
+    if way.picked is None:
+        way.picked = {}
+    return picks(flow, way.direction, interceptors, way.picked)
 
 
 async def until_readable(readiness: Readiness, readable: int, poked: int) -> bool:

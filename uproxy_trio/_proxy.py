@@ -52,6 +52,7 @@ from ._events import (
 from ._flow import Direction, Flow, FlowInfo
 from ._forward import Forward, open_forward_listener, open_upstream
 from ._interceptor import Interceptor, chain_for, picks_flows, wants
+from ._live import changed, live_picks
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._routes import Route, Routes
 from ._splice import SPLICE_AVAILABLE, PipePool
@@ -161,7 +162,10 @@ class _LiveFlow:
         names: dict[str, None] = {}
         ways = self.ways or ()
         for way in ways:
-            for interceptor in (*self.chains[way.direction], *way.picks(self.flow, live_chains)):
+            for interceptor in (
+                *self.chains[way.direction],
+                *live_picks(way, self.flow, live_chains),
+            ):
                 names[getattr(interceptor, "__name__", type(interceptor).__name__)] = None
         written = [way.written for way in ways] or [0, 0]
         return FlowInfo(
@@ -328,7 +332,7 @@ class Proxy:
         for live in self._live.values():
             if live.plan.route == route and live.ways is not None:
                 for way in live.ways:
-                    way.changed()
+                    changed(way)
         self.udp.changed(route)  # UDP sessions in flight too, at their next datagram
 
     def live_interceptors(self, route: str | None) -> tuple[Interceptor, ...]:
@@ -810,7 +814,7 @@ def _live_now(
     live_chains: Mapping[str | None, Sequence[Interceptor]],
 ) -> tuple[Interceptor, ...]:
     """The live interceptors ``way`` runs now: those set on its route that pick it."""
-    return way.picks(flow, live_chains.get(live.plan.route, ()))
+    return live_picks(way, flow, live_chains.get(live.plan.route, ()))
 
 
 def close_flow(

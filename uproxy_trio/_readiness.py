@@ -199,7 +199,7 @@ class Readiness:
                 if parked.pump is None:
                     self._unpark(parked, outcome.Value(None))
 
-    def release(self, pump: Pump) -> None:
+    def release(self, pump: object) -> None:
         """Wake the task that handed the reactor ``pump``, as if its direction were over
         (its pump must now say so when turned, in case it is not parked but queued)."""
         for parked in self._parked:

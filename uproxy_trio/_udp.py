@@ -42,6 +42,7 @@ from ._datagram import (
 from ._events import EventSink, FlowClosed, FlowOpened, InterceptorFailed
 from ._flow import Direction, Flow, FlowInfo
 from ._interceptor import Interceptor
+from ._live import changed, live_picks
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._transparent import is_own_listener
 from ._udp_way import DatagramEnd, DatagramWay, Drop, both_ways
@@ -206,7 +207,7 @@ class UdpSessions:
                         for way in session.ways
                         for interceptor in (
                             *session.chains[way.direction],
-                            *way.picks(self._live_interceptors(session.route)),
+                            *live_picks(way, session.flow, self._live_interceptors(session.route)),
                         )
                     }
                 ),
@@ -379,7 +380,7 @@ class UdpSessions:
         the two as the live ones come and go."""
         while way.end is None:
             way.switching = False
-            if chain or way.picks(self._live_interceptors(session.route)):
+            if chain or self._live_for(session, way):
                 session.intercepted = True
                 wanted = functools.partial(self._live_for, session, way)
                 assert session.nursery is not None
@@ -395,7 +396,7 @@ class UdpSessions:
         session.stop(_close_reason(way))
 
     def _live_for(self, session: _Session, way: DatagramWay) -> tuple[Interceptor, ...]:
-        return way.picks(self._live_interceptors(session.route))
+        return live_picks(way, session.flow, self._live_interceptors(session.route))
 
     def changed(self, route: str | None) -> None:
         """The live interceptors of ``route`` have changed: its sessions in flight take them
@@ -403,7 +404,7 @@ class UdpSessions:
         for session in self._table.values():
             if session.route == route and session.nursery is not None:
                 for way in session.ways:
-                    way.changed()
+                    changed(way)
 
     async def _sweep(self) -> None:
         """Stop the sessions that moved no datagram either way for the idle timeout.

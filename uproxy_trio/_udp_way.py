@@ -34,8 +34,8 @@ from ._datagram import MAX_DATAGRAM, PEER_GONE_ERRNOS
 from ._ending import CloseFlow, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
-from ._live import LiveSegment, picks, until_readable
-from ._readiness import POKED, READABLE, WRITABLE, Readiness, Side, Turn, bit
+from ._live import POKED_BITS, LiveSegment, until_readable
+from ._readiness import READABLE, WRITABLE, Readiness, Side, Turn, bit
 
 # Datagrams one pump moves per turn before the other sessions go (a 64-byte datagram costs
 # about 4 us here, so a turn stays well under the reactor's round).
@@ -95,9 +95,6 @@ _BITS = {
     Direction.CLIENT_TO_SERVER: (bit(Side.CLIENT, READABLE), bit(Side.SERVER, WRITABLE)),
     Direction.SERVER_TO_CLIENT: (bit(Side.SERVER, READABLE), bit(Side.CLIENT, WRITABLE)),
 }
-
-# The bit ``DatagramWay.changed`` pokes, to interrupt a direction's task reading its source.
-_POKED = {Direction.CLIENT_TO_SERVER: POKED, Direction.SERVER_TO_CLIENT: POKED << 1}
 
 _STUCK, _MORE, _DONE = Turn.STUCK, Turn.MORE, Turn.DONE
 _SOURCE_GONE, _SINK_GONE = DatagramEnd.SOURCE_GONE, DatagramEnd.SINK_GONE
@@ -181,25 +178,6 @@ class DatagramWay:
         self.switching = False
         self.segment: LiveSegment | None = None
         self.picked: dict[int, bool] | None = None
-
-    def changed(self) -> None:
-        """The live interceptors of this session's route have changed: take them on (or let
-        them go) at the next datagram."""
-        self.switching = True
-        segment = self.segment
-        if segment is not None:
-            segment.changed()
-            self.readiness.poke(_POKED[self.direction])
-        else:
-            self.readiness.release(self)  # the plain path: wake the task from the reactor
-
-    def picks(self, interceptors: Sequence[Interceptor]) -> tuple[Interceptor, ...]:
-        """Which of a route's live ``interceptors`` run on this direction."""
-        if not interceptors:
-            return ()
-        if self.picked is None:
-            self.picked = {}
-        return picks(self.flow, self.direction, interceptors, self.picked)
 
     # -- datagrams that reached the listener instead -----------------------------------------
 
@@ -418,7 +396,7 @@ class _DatagramTap:
     def __init__(self, way: DatagramWay) -> None:
         self._way = way
         self._reads = 0
-        self._poked = _POKED[way.direction]
+        self._poked = POKED_BITS[way.direction]
 
     async def read(self, interruptible: bool = False) -> bytes | None:
         way = self._way
