@@ -13,7 +13,7 @@ import pytest
 from uproxy_trio import Direction
 from uproxy_trio._datagram import parse_sockaddr
 from uproxy_trio._udp import _close_reason
-from uproxy_trio._udp_way import DatagramEnd, DatagramWay
+from uproxy_trio._udp_way import DatagramEnd, DatagramWay, _datagrams_of
 
 
 def test_an_ipv4_original_destination_is_read_from_its_sockaddr_in() -> None:
@@ -66,3 +66,11 @@ def _way(direction: Direction, end: DatagramEnd | None, code: int = 0) -> Datagr
 )
 def test_a_session_is_closed_for_the_side_whose_socket_failed(way: Any, reason: str) -> None:
     assert _close_reason(way) == reason
+
+
+def test_a_held_run_is_given_back_as_its_datagrams() -> None:
+    """What a pump held when the sink was full goes to the interceptors datagram by datagram
+    if a live interceptor takes the direction over."""
+    run = b"a" * 1400 + b"b" * 1400 + b"c" * 10
+    assert _datagrams_of(run, 1400) == [b"a" * 1400, b"b" * 1400, b"c" * 10]
+    assert _datagrams_of(b"x" * 3000, 0) == [b"x" * 3000]

@@ -37,6 +37,22 @@ IPV6_PMTUDISC_WANT = 1
 
 # The largest UDP payload (IPv6's 65,527; IPv4's is 65,507) fits, so a datagram is never cut.
 MAX_DATAGRAM = 65536
+
+# UDP segmentation offload (<linux/udp.h>): one send hands the kernel a run of datagrams of
+# one size (the last may be shorter), and the stack routes, filters and crosses a veth once
+# for the run, cutting it into datagrams as late as it can (often at the receiving socket).
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+# At most this many datagrams in one send (the kernel's UDP_MAX_SEGMENTS, 64 before 6.9) ...
+MAX_SEGMENTS = 64
+# ... and this many bytes, the most one IPv4 packet can carry (IPv6's limit is higher).
+MAX_SEGMENTED_BYTES = 65507
+_SEGMENT = struct.Struct("=H")
+# The path MTU of a connected socket (<linux/in.h>, <linux/in6.h>), and the headers under a
+# datagram's payload: a segment must fit one packet on the path, unfragmented.
+IP_MTU = getattr(socket, "IP_MTU", 14)
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+_UDP_IP_HEADERS = {socket.AF_INET: 28, socket.AF_INET6: 48}
 # Room for one original-destination control message (a sockaddr_in6 is the larger).
 _CMSG_SPACE = socket.CMSG_SPACE(28)
 # A listener takes floods of first datagrams, each a new session: a buffer that absorbs a
@@ -143,6 +159,28 @@ def open_session_socket(local: Address, peer: Address) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def segment_limit(sock: socket.socket) -> int:
+    """The largest datagram ``sock`` (connected) can send in a segmented run: one that fits
+    the path MTU whole. 0 if the kernel will not say."""
+    family = sock.family
+    try:
+        if family == socket.AF_INET6:
+            mtu = sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
+        else:
+            mtu = sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
+    except OSError:
+        return 0
+    return max(0, mtu - _UDP_IP_HEADERS.get(family, 48))
+
+
+def send_segmented(sock: socket.socket, run: bytes | memoryview, segment: int) -> None:
+    """Send ``run`` as datagrams of ``segment`` bytes (the last may be shorter) in one call.
+
+    Raises ``OSError`` as ``send`` does; the kernel takes the whole run or none of it.
+    """
+    sock.sendmsg([run], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(segment))])
 
 
 # Errors of a connected UDP socket that an ICMP message from its peer's side raised: the peer

@@ -34,7 +34,6 @@ import trio
 
 from ._address import Address, format_address
 from ._datagram import (
-    MAX_DATAGRAM,
     NoOriginalDestination,
     open_session_socket,
     receive_delivered,
@@ -45,7 +44,7 @@ from ._interceptor import Interceptor
 from ._live import changed, live_picks
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._transparent import is_own_listener
-from ._udp_way import DatagramEnd, DatagramWay, Drop, both_ways
+from ._udp_way import RUN_BUFFER, DatagramEnd, DatagramWay, Drop, both_ways
 
 DEFAULT_UDP_IDLE_TIMEOUT_S = 60.0
 DEFAULT_MAX_UDP_SESSIONS = 65536
@@ -169,7 +168,7 @@ class UdpSessions:
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self._table: dict[tuple[Address, Address], _Session] = {}
-        self._buffer = memoryview(bytearray(MAX_DATAGRAM))
+        self._buffer = memoryview(bytearray(RUN_BUFFER))
         self._reactor: Reactor | None = None
         self._nursery: trio.Nursery | None = None
         self.listening: list[Address] = []

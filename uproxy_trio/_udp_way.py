@@ -1,9 +1,11 @@
 """One direction of a UDP session: datagrams from one connected socket to the other.
 
 As for TCP (``_direction.Way``), a direction no interceptor touches is a ``Pump``: its task
-hands it to the reactor, which runs it on each edge, so a datagram costs a ``recvfrom`` and a
-``send`` and no trip through Trio's scheduler. A direction with interceptors feeds them one
-datagram per chunk and sends each item they yield as one datagram.
+hands it to the reactor, which runs it on each edge, so a datagram costs a ``recv_into`` and
+no trip through Trio's scheduler; the datagrams one edge finds queued go on in runs of one
+size, each run in one segmented ``send`` (``UDP_SEGMENT``), which the kernel routes, filters
+and hands across as one packet, and cuts into datagrams as late as it can. A direction with
+interceptors feeds them one datagram per chunk and sends each item they yield as one datagram.
 
 A datagram's source is checked against the session's peer while a stray could still be
 queued: between a socket's ``bind`` and its ``connect`` the kernel's socket lookup matches it
@@ -30,7 +32,14 @@ from collections.abc import Callable, MutableMapping, Sequence
 import trio
 
 from ._address import Address, from_sockaddr
-from ._datagram import MAX_DATAGRAM, PEER_GONE_ERRNOS
+from ._datagram import (
+    MAX_DATAGRAM,
+    MAX_SEGMENTED_BYTES,
+    MAX_SEGMENTS,
+    PEER_GONE_ERRNOS,
+    segment_limit,
+    send_segmented,
+)
 from ._ending import CloseFlow, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
@@ -40,6 +49,8 @@ from ._readiness import READABLE, WRITABLE, Readiness, Side, Turn, bit
 # Datagrams one pump moves per turn before the other sessions go (a 64-byte datagram costs
 # about 4 us here, so a turn stays well under the reactor's round).
 TURN_DATAGRAMS = 64
+# The pumps' shared buffer: a run of datagrams to send segmented, and room for one more.
+RUN_BUFFER = MAX_SEGMENTED_BYTES + MAX_DATAGRAM
 # How long after a session's sockets are connected a datagram from someone else could still
 # be queued for them (a lookup made just before connect() on another CPU, delivered just
 # after it): microseconds in fact; the sources are checked for far longer.
@@ -112,6 +123,7 @@ class DatagramWay:
         "_buffer",
         "_checking",
         "_drops",
+        "_limit",
         "_peer",
         "_trusted_from",
         "datagrams",
@@ -120,6 +132,7 @@ class DatagramWay:
         "errno",
         "flow",
         "held",
+        "held_segment",
         "inbox",
         "mask",
         "on_stray",
@@ -165,7 +178,10 @@ class DatagramWay:
         # Made for the session's first datagram, dropped once empty: most sessions need it
         # for that one datagram only, and an empty deque costs 600 bytes.
         self.inbox: deque[bytes] | None = None
-        self.held: bytes | None = None  # read, but the sink's buffer was full
+        # Read, but the sink's buffer was full: one datagram, or a run of ``held_segment``.
+        self.held: bytes | None = None
+        self.held_segment = 0
+        self._limit = -1  # ``_segment_limit``'s, once asked
         self.datagrams = self.read = self.written = 0
         self.end: DatagramEnd | None = None
         self.errno = 0
@@ -219,58 +235,89 @@ class DatagramWay:
     # -- the plain path: a pump for the reactor ----------------------------------------------
 
     def turn(self) -> Turn:
-        """Move up to ``TURN_DATAGRAMS`` datagrams without blocking."""
+        """Move up to ``TURN_DATAGRAMS`` datagrams without blocking.
+
+        What the source has queued is read back to back into the buffer, and a run of
+        datagrams of one size (the last may be shorter) goes to the sink in one segmented
+        send: a bulk stream then costs one ``send`` per run instead of one per datagram. A
+        run is only what was queued already; nothing waits for more.
+        """
         if self.switching:
             return _DONE  # (with no ``end``): the task takes the direction back
         if self.held is not None or self.inbox is not None:
             waiting = self._send_waiting()
             if waiting is not None:
                 return waiting
-        readiness, readable, writable = self.readiness, self.readable, self.writable
-        source, sink, buffer = self.source, self.sink, self._buffer
+        readiness, readable = self.readiness, self.readable
+        source, buffer = self.source, self._buffer
+        # The run read and not sent yet: buffer[:end], ``count`` datagrams of ``segment``
+        # bytes, the last shorter if ``closed``.
+        end = segment = count = 0
+        closed = False
+        outcome = _MORE
         for _ in range(TURN_DATAGRAMS):
             if not readiness.bits & readable:
-                return _STUCK
+                outcome = _STUCK
+                break
             try:
                 if self._checking:
-                    size = self._receive_checked()
+                    size = self._receive_checked(buffer[end:])
                     if size < 0:
                         continue  # a stray, handed on
                 else:
-                    size = source.recv_into(buffer)
+                    size = source.recv_into(buffer[end:])
             except BlockingIOError:
                 readiness.clear(readable)
                 if self._checking and time.monotonic() >= self._trusted_from:
                     self._checking = False
-                return _STUCK
+                outcome = _STUCK
+                break
             except OSError as exc:
                 if self._gone(exc, _SOURCE_GONE):
-                    return _DONE
+                    outcome = _DONE
+                    break
                 continue
             self.datagrams += 1
             self.read += size
-            try:
-                sink.send(buffer[:size])
-            except BlockingIOError:
-                self.held = bytes(buffer[:size])
-                readiness.clear(writable)
-                return _STUCK
-            except OSError as exc:
-                if self._gone(exc, _SINK_GONE, dropping=True):
-                    return _DONE
-                continue
-            self.written += size
-        return _MORE
+            if count and (
+                closed
+                or not 0 < size <= segment
+                or count == MAX_SEGMENTS
+                or end + size > MAX_SEGMENTED_BYTES
+                or segment > self._segment_limit()
+            ):
+                # It cannot join the run: the run goes, and it starts the next one.
+                if not self._send(buffer[:end], segment if count > 1 else 0):
+                    self._queue_first([bytes(buffer[end : end + size])])
+                    return _DONE if self.end is not None else _STUCK
+                buffer[:size] = buffer[end : end + size]
+                end = count = 0
+                closed = False
+            if count:
+                closed = size < segment
+            else:
+                segment = size
+            end += size
+            count += 1
+        if count and not self._send(buffer[:end], segment if count > 1 else 0):
+            return _DONE if self.end is not None else _STUCK
+        return outcome
 
-    def _receive_checked(self) -> int:
-        """One datagram into the buffer, its source checked: its size, or -1 for a stray
+    def _segment_limit(self) -> int:
+        """The largest datagram a run to the sink may be made of (0: none), asked once."""
+        limit = self._limit
+        if limit < 0:
+            limit = self._limit = segment_limit(self.sink)
+        return limit
+
+    def _receive_checked(self, into: memoryview) -> int:
+        """One datagram into ``into``, its source checked: its size, or -1 for a stray
         (handed on by ``_stray``)."""
-        buffer = self._buffer
-        size, sender = self.source.recvfrom_into(buffer)
+        size, sender = self.source.recvfrom_into(into)
         peer = self._peer
         # An IPv4 sender is exactly the peer's pair; IPv6 adds flow info and scope.
         if sender != peer and sender[:2] != peer:
-            self._stray(bytes(buffer[:size]), sender)
+            self._stray(bytes(into[:size]), sender)
             return -1
         return size
 
@@ -283,23 +330,49 @@ class DatagramWay:
                 return _STUCK
             if self.held is not None:
                 held, self.held = self.held, None
-                self._send(held)
+                self._send(held, self.held_segment)
             else:
                 self._send(self._next_in_inbox())
         return _DONE if self.end is not None else None
 
-    def _send(self, datagram: bytes | memoryview) -> None:
-        """Send one datagram, or hold it (a copy) while the sink's buffer is full."""
+    def _send(self, data: bytes | memoryview, segment: int = 0) -> bool:
+        """Send one datagram, or with ``segment`` a run of datagrams of that size, or hold it
+        (a copy) while the sink's buffer is full: whether the direction can go on (false once
+        it holds something or is over; a datagram the kernel refused is dropped and counted)."""
         try:
-            self.sink.send(datagram)
+            if segment:
+                send_segmented(self.sink, data, segment)
+            else:
+                self.sink.send(data)
         except BlockingIOError:
-            self.held = bytes(datagram)
+            self.held, self.held_segment = bytes(data), segment
             self.readiness.clear(self.writable)
-            return
+            return False
         except OSError as exc:
-            self._gone(exc, _SINK_GONE, dropping=True)
-            return
-        self.written += len(datagram)
+            if segment and exc.errno not in PEER_GONE_ERRNOS:
+                return self._send_one_by_one(data, segment)
+            return not self._gone(exc, _SINK_GONE, dropping=True)
+        self.written += len(data)
+        return True
+
+    def _send_one_by_one(self, run: bytes | memoryview, segment: int) -> bool:
+        """The kernel would not send ``run`` segmented (the path MTU went down, or the way
+        has no checksum offload): its datagrams one at a time, and no more runs here."""
+        self._limit = 0
+        datagrams = [run[offset : offset + segment] for offset in range(0, len(run), segment)]
+        for index, datagram in enumerate(datagrams):
+            if not self._send(datagram):
+                if self.end is None:
+                    self._queue_first([bytes(later) for later in datagrams[index + 1 :]])
+                return False
+        return True
+
+    def _queue_first(self, datagrams: list[bytes]) -> None:
+        """Datagrams read after one that is now held: sent next, before the inbox's."""
+        if datagrams:
+            if self.inbox is None:
+                self.inbox = deque()
+            self.inbox.extendleft(reversed(datagrams))
 
     def _gone(self, exc: OSError, end: DatagramEnd, *, dropping: bool = False) -> bool:
         """Whether ``exc`` means the peer behind the failing socket is gone (the direction
@@ -340,8 +413,9 @@ class DatagramWay:
         intercepts it any more (back to the plain path, at a datagram's boundary)."""
         if self.held is not None:
             held, self.held = self.held, None
-            if not await self.send_one(held):
-                return None, False
+            for datagram in _datagrams_of(held, self.held_segment):
+                if not await self.send_one(datagram):
+                    return None, False
         segment = LiveSegment(flow, _DatagramTap(self), self.direction, live, bool(chain), nursery)
         self.segment = segment
         try:
@@ -384,6 +458,13 @@ class DatagramWay:
                 return not self._gone(exc, _SINK_GONE, dropping=True)
             self.written += len(datagram)
             return True
+
+
+def _datagrams_of(held: bytes, segment: int) -> list[bytes]:
+    """What a direction held: one datagram, or a run of ``segment``-byte ones."""
+    if not segment:
+        return [held]
+    return [held[offset : offset + segment] for offset in range(0, len(held), segment)]
 
 
 class _DatagramTap:

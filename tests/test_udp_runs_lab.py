@@ -1,0 +1,182 @@
+"""Queued datagrams leave the proxy in segmented runs (one send for many), in the lab, IPv4
+and IPv6: every datagram arrives whole, in order, whatever mix of sizes, both ways; and when
+the kernel stops taking runs (the path MTU went down), the datagrams still go, one by one."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import trio
+from lab_tools import ADDRESSES, family_of
+from udp_tools import UDP_PORT, UdpSocket, udp_proxy, udp_socket
+
+from uproxy_netns import Lab
+from uproxy_trio import _udp_way
+from uproxy_trio._datagram import MAX_SEGMENTS, send_segmented
+
+pytestmark = [pytest.mark.lab]
+
+# The largest payload one unfragmented packet carries on the lab's 1500-byte links.
+_WHOLE = {socket.AF_INET: 1500 - 28, socket.AF_INET6: 1500 - 48}
+
+
+# A queue on the proxy's link to the server that drains slower than a burst arrives.
+_SLOW_QUEUE = ["tc", "qdisc", "add", "dev", "ens7", "root"]
+_SLOW_QUEUE += ["tbf", "rate", "40mbit", "burst", "16kb", "limit", "8mb"]
+
+
+def _burst_sizes(family: socket.AddressFamily) -> list[int]:
+    """Sizes that make runs and break them every way a run can end: longer than the kernel
+    takes at once (in datagrams and in bytes), a shorter last one, empty datagrams, sizes
+    either side of what one packet carries, fragmented ones."""
+    whole = _WHOLE[family]
+    return (
+        [1400] * 70
+        + [700]
+        + [1400] * 3
+        + [0, 0, 5]
+        + [1] * 5
+        + [whole, whole + 1, whole, whole, whole - 1]
+        + [3000, 3000]
+        + [9000] * 3
+        + [60000]
+        + [64] * 100
+        + [1400] * 10
+        + [2]
+    )
+
+
+def _datagrams(sizes: list[int]) -> list[bytes]:
+    return [bytes([index % 251]) * size for index, size in enumerate(sizes)]
+
+
+@contextmanager
+def _counting_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The number of datagrams in each segmented send the pumps make (0 for one the kernel
+    had no room for: it is held and sent again)."""
+    runs: list[int] = []
+    send = send_segmented
+
+    def counted(sock: socket.socket, run: bytes | memoryview, segment: int) -> None:
+        try:
+            send(sock, run, segment)
+        except BlockingIOError:
+            runs.append(0)
+            raise
+        runs.append(-(-len(run) // segment))
+
+    monkeypatch.setattr(_udp_way, "send_segmented", counted)
+    yield runs
+
+
+def _send_burst(sock: UdpSocket, datagrams: list[bytes], to: tuple[str, int]) -> None:
+    """Send every datagram without letting the proxy (in this event loop) run meanwhile, so
+    that they queue up on its session socket."""
+    raw = socket.socket(sock.family, socket.SOCK_DGRAM, fileno=sock.fileno())
+    try:
+        raw.setblocking(True)
+        for datagram in datagrams:
+            raw.sendto(datagram, to)
+    finally:
+        raw.setblocking(False)
+        raw.detach()
+
+
+async def _received(sock: UdpSocket, count: int) -> list[bytes]:
+    got: list[bytes] = []
+    with trio.move_on_after(5):
+        while len(got) < count:
+            data, _ = await sock.recvfrom(1 << 16)
+            got.append(data)
+    return got
+
+
+async def _burst_both_ways(
+    client: UdpSocket, server: UdpSocket, server_ip: str, datagrams: list[bytes]
+) -> None:
+    _send_burst(client, datagrams, (server_ip, UDP_PORT))
+    assert await _received(server, len(datagrams)) == datagrams
+    _send_burst(server, datagrams, client.getsockname()[:2])
+    assert await _received(client, len(datagrams)) == datagrams
+
+
+async def _session(client: UdpSocket, server: UdpSocket, server_ip: str) -> None:
+    """Open the session, so that the burst goes to its sockets rather than the listener."""
+    await client.sendto(b"hello", (server_ip, UDP_PORT))
+    with trio.fail_after(5):
+        assert (await server.recvfrom(100))[0] == b"hello"
+
+
+@pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
+async def test_a_burst_of_mixed_sizes_goes_through_in_runs_every_datagram_whole(
+    inside_proxy: Lab, client_ip: str, server_ip: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = inside_proxy
+    datagrams = _datagrams(_burst_sizes(family_of(client_ip)))
+    with _counting_runs(monkeypatch) as runs:
+        async with udp_proxy() as (proxy, _events):
+            with (
+                udp_socket(lab.server, server_ip, UDP_PORT) as server,
+                udp_socket(lab.client, client_ip) as client,
+            ):
+                await _session(client, server, server_ip)
+                await _burst_both_ways(client, server, server_ip, datagrams)
+                assert not any(proxy.udp.dropped.values())
+    # Runs were made, in both directions, and none broke the kernel's limits.
+    assert sum(runs) > len(datagrams)
+    assert max(runs) <= MAX_SEGMENTS
+
+
+@pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
+async def test_when_the_path_mtu_goes_down_the_datagrams_of_a_run_go_one_by_one(
+    inside_proxy: Lab, client_ip: str, server_ip: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session learnt its path MTU with its first run; a smaller one afterwards makes the
+    kernel refuse the next run (EINVAL), whose datagrams must still all arrive."""
+    lab = inside_proxy
+    datagrams = _datagrams([1400] * 40)
+    with _counting_runs(monkeypatch) as runs:
+        async with udp_proxy() as (proxy, _events):
+            with (
+                udp_socket(lab.server, server_ip, UDP_PORT) as server,
+                udp_socket(lab.client, client_ip) as client,
+            ):
+                await _session(client, server, server_ip)
+                _send_burst(client, datagrams, (server_ip, UDP_PORT))
+                assert await _received(server, len(datagrams)) == datagrams
+                assert runs
+                lab.proxy.ip("link set ens7 mtu 1280\n")
+                try:
+                    _send_burst(client, datagrams, (server_ip, UDP_PORT))
+                    assert await _received(server, len(datagrams)) == datagrams
+                finally:
+                    lab.proxy.ip("link set ens7 mtu 1500\n")
+                assert not any(proxy.udp.dropped.values())
+
+
+@pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
+async def test_a_run_the_sink_has_no_room_for_is_held_and_sent_whole_later(
+    inside_proxy: Lab, client_ip: str, server_ip: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow queue on the way to the server keeps the session socket's send buffer full:
+    runs are refused (EAGAIN), held, and sent when there is room, every datagram whole."""
+    lab = inside_proxy
+    datagrams = _datagrams([1400] * 300 + [700] + [1400] * 100)
+    with _counting_runs(monkeypatch) as runs:
+        async with udp_proxy() as (proxy, _events):
+            with (
+                udp_socket(lab.server, server_ip, UDP_PORT) as server,
+                udp_socket(lab.client, client_ip) as client,
+            ):
+                await _session(client, server, server_ip)
+                lab.proxy.run(_SLOW_QUEUE)
+                try:
+                    _send_burst(client, datagrams, (server_ip, UDP_PORT))
+                    assert await _received(server, len(datagrams)) == datagrams
+                finally:
+                    lab.proxy.run(["tc", "qdisc", "del", "dev", "ens7", "root"])
+                assert not any(proxy.udp.dropped.values())
+    assert 0 in runs
