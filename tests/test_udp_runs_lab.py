@@ -5,8 +5,8 @@ the kernel stops taking runs (the path MTU went down), the datagrams still go, o
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 import trio
@@ -94,37 +94,35 @@ async def _received(sock: UdpSocket, count: int) -> list[bytes]:
     return got
 
 
-async def _burst_both_ways(
-    client: UdpSocket, server: UdpSocket, server_ip: str, datagrams: list[bytes]
-) -> None:
-    _send_burst(client, datagrams, (server_ip, UDP_PORT))
-    assert await _received(server, len(datagrams)) == datagrams
-    _send_burst(server, datagrams, client.getsockname()[:2])
-    assert await _received(client, len(datagrams)) == datagrams
-
-
-async def _session(client: UdpSocket, server: UdpSocket, server_ip: str) -> None:
-    """Open the session, so that the burst goes to its sockets rather than the listener."""
-    await client.sendto(b"hello", (server_ip, UDP_PORT))
-    with trio.fail_after(5):
-        assert (await server.recvfrom(100))[0] == b"hello"
+@asynccontextmanager
+async def _session(
+    lab: Lab, client_ip: str, server_ip: str
+) -> AsyncIterator[tuple[UdpSocket, UdpSocket]]:
+    """A proxy, and a session through it already open (so that a burst goes to the session's
+    sockets rather than the listener): ``(client, server)``. Nothing may be dropped."""
+    async with udp_proxy() as (proxy, _events):
+        with (
+            udp_socket(lab.server, server_ip, UDP_PORT) as server,
+            udp_socket(lab.client, client_ip) as client,
+        ):
+            await client.sendto(b"hello", (server_ip, UDP_PORT))
+            with trio.fail_after(5):
+                assert (await server.recvfrom(100))[0] == b"hello"
+            yield client, server
+            assert not any(proxy.udp.dropped.values())
 
 
 @pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
 async def test_a_burst_of_mixed_sizes_goes_through_in_runs_every_datagram_whole(
     inside_proxy: Lab, client_ip: str, server_ip: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lab = inside_proxy
     datagrams = _datagrams(_burst_sizes(family_of(client_ip)))
     with _counting_runs(monkeypatch) as runs:
-        async with udp_proxy() as (proxy, _events):
-            with (
-                udp_socket(lab.server, server_ip, UDP_PORT) as server,
-                udp_socket(lab.client, client_ip) as client,
-            ):
-                await _session(client, server, server_ip)
-                await _burst_both_ways(client, server, server_ip, datagrams)
-                assert not any(proxy.udp.dropped.values())
+        async with _session(inside_proxy, client_ip, server_ip) as (client, server):
+            _send_burst(client, datagrams, (server_ip, UDP_PORT))
+            assert await _received(server, len(datagrams)) == datagrams
+            _send_burst(server, datagrams, client.getsockname()[:2])
+            assert await _received(client, len(datagrams)) == datagrams
     # Runs were made, in both directions, and none broke the kernel's limits.
     assert sum(runs) > len(datagrams)
     assert max(runs) <= MAX_SEGMENTS
@@ -139,22 +137,16 @@ async def test_when_the_path_mtu_goes_down_the_datagrams_of_a_run_go_one_by_one(
     lab = inside_proxy
     datagrams = _datagrams([1400] * 40)
     with _counting_runs(monkeypatch) as runs:
-        async with udp_proxy() as (proxy, _events):
-            with (
-                udp_socket(lab.server, server_ip, UDP_PORT) as server,
-                udp_socket(lab.client, client_ip) as client,
-            ):
-                await _session(client, server, server_ip)
+        async with _session(lab, client_ip, server_ip) as (client, server):
+            _send_burst(client, datagrams, (server_ip, UDP_PORT))
+            assert await _received(server, len(datagrams)) == datagrams
+            assert runs
+            lab.proxy.ip("link set ens7 mtu 1280\n")
+            try:
                 _send_burst(client, datagrams, (server_ip, UDP_PORT))
                 assert await _received(server, len(datagrams)) == datagrams
-                assert runs
-                lab.proxy.ip("link set ens7 mtu 1280\n")
-                try:
-                    _send_burst(client, datagrams, (server_ip, UDP_PORT))
-                    assert await _received(server, len(datagrams)) == datagrams
-                finally:
-                    lab.proxy.ip("link set ens7 mtu 1500\n")
-                assert not any(proxy.udp.dropped.values())
+            finally:
+                lab.proxy.ip("link set ens7 mtu 1500\n")
 
 
 @pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
@@ -166,17 +158,11 @@ async def test_a_run_the_sink_has_no_room_for_is_held_and_sent_whole_later(
     lab = inside_proxy
     datagrams = _datagrams([1400] * 300 + [700] + [1400] * 100)
     with _counting_runs(monkeypatch) as runs:
-        async with udp_proxy() as (proxy, _events):
-            with (
-                udp_socket(lab.server, server_ip, UDP_PORT) as server,
-                udp_socket(lab.client, client_ip) as client,
-            ):
-                await _session(client, server, server_ip)
-                lab.proxy.run(_SLOW_QUEUE)
-                try:
-                    _send_burst(client, datagrams, (server_ip, UDP_PORT))
-                    assert await _received(server, len(datagrams)) == datagrams
-                finally:
-                    lab.proxy.run(["tc", "qdisc", "del", "dev", "ens7", "root"])
-                assert not any(proxy.udp.dropped.values())
+        async with _session(lab, client_ip, server_ip) as (client, server):
+            lab.proxy.run(_SLOW_QUEUE)
+            try:
+                _send_burst(client, datagrams, (server_ip, UDP_PORT))
+                assert await _received(server, len(datagrams)) == datagrams
+            finally:
+                lab.proxy.run(["tc", "qdisc", "del", "dev", "ens7", "root"])
     assert 0 in runs
