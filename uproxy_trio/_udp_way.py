@@ -288,7 +288,10 @@ class DatagramWay:
             ):
                 # It cannot join the run: the run goes, and it starts the next one.
                 if not self._send(buffer[:end], segment if count > 1 else 0):
-                    self._queue_first([bytes(buffer[end : end + size])])
+                    # Held (or over): it goes after the run, and after whatever of the run
+                    # was queued, which is all the inbox holds now (it was empty at the
+                    # turn's start, and only this turn has run since).
+                    self._queue_last(bytes(buffer[end : end + size]))
                     return _DONE if self.end is not None else _STUCK
                 buffer[:size] = buffer[end : end + size]
                 end = count = 0
@@ -368,11 +371,16 @@ class DatagramWay:
         return True
 
     def _queue_first(self, datagrams: list[bytes]) -> None:
-        """Datagrams read after one that is now held: sent next, before the inbox's."""
+        """Datagrams of a run whose first part is now held: sent next, before the inbox's."""
         if datagrams:
             if self.inbox is None:
                 self.inbox = deque()
             self.inbox.extendleft(reversed(datagrams))
+
+    def _queue_last(self, datagram: bytes) -> None:
+        if self.inbox is None:
+            self.inbox = deque()
+        self.inbox.append(datagram)
 
     def _gone(self, exc: OSError, end: DatagramEnd, *, dropping: bool = False) -> bool:
         """Whether ``exc`` means the peer behind the failing socket is gone (the direction
