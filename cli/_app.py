@@ -231,6 +231,16 @@ def serve(
             "in flight go on.",
         ),
     ] = uproxy_trio.DEFAULT_MAX_UDP_SESSIONS,
+    udp_gso: Annotated[
+        bool,
+        typer.Option(
+            "--udp-gso/--no-udp-gso",
+            envvar="UPROXY_UDP_GSO",
+            help="Send the UDP datagrams a session finds queued in runs, one segmented send "
+            "(GSO) each; --no-udp-gso sends each on its own, so that tcpdump and qdiscs on "
+            "this host's egress see datagrams rather than runs.",
+        ),
+    ] = True,
     source_port: Annotated[
         str,
         typer.Option(
@@ -425,6 +435,7 @@ def serve(
         udp_addresses=udp_addresses,
         udp_idle_timeout=values["udp_idle_timeout"],
         max_udp_sessions=values["max_udp_sessions"],
+        udp_gso=values["udp_gso"],
         source_port=values["source_port"],
         user=user,
         group=group,

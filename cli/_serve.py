@@ -87,6 +87,7 @@ class ServeOptions:
     udp_addresses: list[Address]
     udp_idle_timeout: float
     max_udp_sessions: int
+    udp_gso: bool
     source_port: str
     user: str | None
     group: str | None
@@ -129,6 +130,7 @@ def run_serve(options: ServeOptions) -> int:
         on_event=log_event if metrics is None else _both(log_event, metrics.on_event),
         udp_idle_timeout=options.udp_idle_timeout,
         max_udp_sessions=options.max_udp_sessions,
+        udp_gso=options.udp_gso,
     )
 
     def after_bind() -> None:
@@ -238,6 +240,7 @@ def _run_workers(options: ServeOptions) -> int:
         *(arg for address in options.udp_listen for arg in ("--udp-listen", address)),
         *("--udp-idle-timeout", repr(options.udp_idle_timeout)),
         *("--max-udp-sessions", str(-(-options.max_udp_sessions // count))),
+        "--udp-gso" if options.udp_gso else "--no-udp-gso",
         *("--source-port", options.source_port),
         *(["--user", options.user] if options.user is not None else []),
         *(["--group", options.group] if options.group is not None else []),

@@ -5,20 +5,24 @@ the kernel stops taking runs (the path MTU went down), the datagrams still go, o
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import pytest
 import trio
-from lab_tools import ADDRESSES, family_of
-from udp_tools import UDP_PORT, UdpSocket, udp_proxy, udp_socket
+from lab_tools import ADDRESSES, CliProxy, family_of
+from udp_tools import UDP_LISTEN_ARGS, UDP_PORT, UdpSocket, udp_proxy, udp_socket
 
-from uproxy_netns import Lab
+from uproxy_netns import CLIENT_V4, SERVER_V4, Lab
 from uproxy_trio import _udp_way
 from uproxy_trio._datagram import MAX_SEGMENTS, send_segmented
 
 pytestmark = [pytest.mark.lab]
 
+# Every frame, for a packet socket; the largest one a 1500-byte link carries.
+_ETH_P_ALL = 0x0003
+_ETHERNET_MTU = 1500 + 14
 # The largest payload one unfragmented packet carries on the lab's 1500-byte links.
 _WHOLE = {socket.AF_INET: 1500 - 28, socket.AF_INET6: 1500 - 48}
 
@@ -96,11 +100,11 @@ async def _received(sock: UdpSocket, count: int) -> list[bytes]:
 
 @asynccontextmanager
 async def _session(
-    lab: Lab, client_ip: str, server_ip: str
+    lab: Lab, client_ip: str, server_ip: str, options: Mapping[str, Any] | None = None
 ) -> AsyncIterator[tuple[UdpSocket, UdpSocket]]:
     """A proxy, and a session through it already open (so that a burst goes to the session's
     sockets rather than the listener): ``(client, server)``. Nothing may be dropped."""
-    async with udp_proxy() as (proxy, _events):
+    async with udp_proxy(options) as (proxy, _events):
         with (
             udp_socket(lab.server, server_ip, UDP_PORT) as server,
             udp_socket(lab.client, client_ip) as client,
@@ -166,3 +170,71 @@ async def test_a_run_the_sink_has_no_room_for_is_held_and_sent_whole_later(
             finally:
                 lab.proxy.run(["tc", "qdisc", "del", "dev", "ens7", "root"])
     assert 0 in runs
+
+
+@contextmanager
+def _capture(lab: Lab) -> Iterator[list[int]]:
+    """The length of every frame that crosses the proxy's link to the server during the
+    block, as tcpdump there would see them (read when the block ends)."""
+    with lab.proxy.entered():
+        capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
+    with capture:
+        capture.bind(("ens7", 0))
+        capture.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        capture.setblocking(False)
+        frames: list[int] = []
+        yield frames
+        while True:
+            try:
+                frames.append(len(capture.recv(1 << 17)))
+            except BlockingIOError:
+                break
+
+
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "no-gso"])
+@pytest.mark.parametrize(("client_ip", "server_ip"), ADDRESSES)
+async def test_a_capture_on_the_proxys_egress_sees_runs_unless_gso_is_off(
+    inside_proxy: Lab, client_ip: str, server_ip: str, gso: bool
+) -> None:
+    """What tcpdump on the proxy host's link to the server sees: a run is one packet longer
+    than the link's MTU (the kernel cuts it up further on); with ``udp_gso=False`` every
+    datagram is a packet of its own."""
+    datagrams = _datagrams([1400] * 200)
+    with _capture(inside_proxy) as frames:
+        async with _session(inside_proxy, client_ip, server_ip, {"udp_gso": gso}) as (
+            client,
+            server,
+        ):
+            _send_burst(client, datagrams, (server_ip, UDP_PORT))
+            assert await _received(server, len(datagrams)) == datagrams
+    assert frames
+    assert (max(frames) > _ETHERNET_MTU) is gso
+
+
+@pytest.mark.parametrize("flag", ["--udp-gso", "--no-udp-gso"])
+async def test_serves_gso_flag_reaches_its_workers(
+    lab: Lab, cli_proxy: CliProxy, flag: str
+) -> None:
+    """``uproxy serve --no-udp-gso`` (with two workers, which get it from the supervisor):
+    no run on the wire; the default: a flat-out stream leaves in runs."""
+    cli_proxy.start(*UDP_LISTEN_ARGS, "--workers", "2", flag)
+    cli_proxy.wait_for_log("2 workers ready")
+    datagrams = _datagrams([1400] * 3000)
+    with (
+        udp_socket(lab.server, SERVER_V4, UDP_PORT) as server,
+        udp_socket(lab.client, CLIENT_V4) as client,
+    ):
+        with trio.fail_after(10):
+            while True:  # the workers' UDP listeners may still be coming up
+                await client.sendto(b"hello", (SERVER_V4, UDP_PORT))
+                with trio.move_on_after(0.2):
+                    if (await server.recvfrom(100))[0] == b"hello":
+                        break
+        with trio.move_on_after(0.3):  # hellos that were still on their way
+            while True:
+                await server.recvfrom(100)
+        with _capture(lab) as frames:
+            _send_burst(client, datagrams, (SERVER_V4, UDP_PORT))
+            assert await _received(server, len(datagrams)) == datagrams
+    assert (max(frames) > _ETHERNET_MTU) is (flag == "--udp-gso")
+    assert cli_proxy.stop() == 0

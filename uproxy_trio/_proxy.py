@@ -230,6 +230,10 @@ class Proxy:
     While it runs, a route's interceptors can be changed for its flows in flight too
     (``set_live_interceptors``: Toxiproxy's toxics), a route disabled (``set_enabled``), and
     the flows listed (``flows``) and reset one by one (``reset_flow``).
+
+    UDP sessions (``serve(udp_listen=...)``) send the datagrams they find queued in runs, one
+    segmented send (GSO) each; ``udp_gso=False`` sends every datagram on its own, so that
+    capture and queueing on this host's egress see datagrams rather than runs.
     """
 
     def __init__(
@@ -246,6 +250,7 @@ class Proxy:
         on_event: EventSink = log_event,
         udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT_S,
         max_udp_sessions: int = DEFAULT_MAX_UDP_SESSIONS,
+        udp_gso: bool = True,
     ) -> None:
         if max_flows is not None and max_flows < 1:
             raise ValueError("max_flows must be at least 1")
@@ -292,6 +297,7 @@ class Proxy:
             live_interceptors=self.live_interceptors,
             idle_timeout=udp_idle_timeout,
             max_sessions=max_udp_sessions,
+            gso=udp_gso,
         )
 
     def set_routes(self, routes: Routes | None) -> None:
@@ -842,6 +848,7 @@ async def serve(
     udp_listen: Sequence[Address] = (),
     udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT_S,
     max_udp_sessions: int = DEFAULT_MAX_UDP_SESSIONS,
+    udp_gso: bool = True,
     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a transparent proxy on ``listen`` until cancelled: ``Proxy(...).serve(listen)``.
@@ -860,6 +867,7 @@ async def serve(
         on_event=on_event,
         udp_idle_timeout=udp_idle_timeout,
         max_udp_sessions=max_udp_sessions,
+        udp_gso=udp_gso,
     )
     await proxy.serve(listen, udp_listen=udp_listen, task_status=task_status)
 

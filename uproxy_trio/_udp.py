@@ -155,6 +155,7 @@ class UdpSessions:
         live_interceptors: Callable[[str | None], Sequence[Interceptor]] = lambda route: (),
         idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT_S,
         max_sessions: int = DEFAULT_MAX_UDP_SESSIONS,
+        gso: bool = True,
     ) -> None:
         if idle_timeout <= 0:
             raise ValueError("udp_idle_timeout must be positive")
@@ -167,6 +168,9 @@ class UdpSessions:
         self._live_interceptors = live_interceptors
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
+        # Queued datagrams leave in runs, one segmented send each (``_udp_way``): on unless
+        # a user wants every datagram to cross the host's egress (tcpdump, qdiscs) on its own.
+        self.gso = gso
         self._table: dict[tuple[Address, Address], _Session] = {}
         self._buffer = memoryview(bytearray(RUN_BUFFER))
         self._reactor: Reactor | None = None
@@ -305,7 +309,14 @@ class UdpSessions:
             return None
         readiness = Readiness(_FRESH)
         ways = both_ways(
-            flow, client_sock, server_sock, readiness, self._buffer, self.dropped, self._stray
+            flow,
+            client_sock,
+            server_sock,
+            readiness,
+            self._buffer,
+            self.dropped,
+            self._stray,
+            runs=self.gso,
         )
         session = _Session(flow, plan, client_sock, server_sock, ways)
         self._table[(client, server)] = session

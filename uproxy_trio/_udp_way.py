@@ -158,6 +158,8 @@ class DatagramWay:
         drops: MutableMapping[Drop, int],
         flow: Flow,
         on_stray: Callable[[bytes, Address, Address], None] | None,
+        *,
+        runs: bool = True,
     ) -> None:
         self.direction = direction
         self.source = source
@@ -181,7 +183,7 @@ class DatagramWay:
         # Read, but the sink's buffer was full: one datagram, or a run of ``held_segment``.
         self.held: bytes | None = None
         self.held_segment = 0
-        self._limit = -1  # ``_segment_limit``'s, once asked
+        self._limit = -1 if runs else 0  # ``_segment_limit``'s, once asked; 0: no runs
         self.datagrams = self.read = self.written = 0
         self.end: DatagramEnd | None = None
         self.errno = 0
@@ -528,6 +530,8 @@ def both_ways(
     buffer: memoryview,
     drops: MutableMapping[Drop, int],
     on_stray: Callable[[bytes, Address, Address], None],
+    *,
+    runs: bool = True,
 ) -> tuple[DatagramWay, DatagramWay]:
     """A session's two directions, client to server first, on one ``readiness``.
 
@@ -535,13 +539,29 @@ def both_ways(
     ``server`` the one facing the server (bound to the client's address). A stray on the
     client side goes to ``on_stray(data, its client, the session's server)``; one on the
     server side (a datagram to the client's address from anyone but the server) is nobody's,
-    and is dropped.
+    and is dropped. ``runs=False``: every datagram is sent on its own, never in a run.
     """
     return (
         DatagramWay(
-            Direction.CLIENT_TO_SERVER, client, server, readiness, buffer, drops, flow, on_stray
+            Direction.CLIENT_TO_SERVER,
+            client,
+            server,
+            readiness,
+            buffer,
+            drops,
+            flow,
+            on_stray,
+            runs=runs,
         ),
         DatagramWay(
-            Direction.SERVER_TO_CLIENT, server, client, readiness, buffer, drops, flow, None
+            Direction.SERVER_TO_CLIENT,
+            server,
+            client,
+            readiness,
+            buffer,
+            drops,
+            flow,
+            None,
+            runs=runs,
         ),
     )
