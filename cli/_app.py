@@ -27,7 +27,7 @@ from ._lab import lab_app
 from ._logging import LOG_FORMATS, LOG_LEVELS
 from ._privileges import resolve_identity
 from ._rules import rules
-from ._serve import SOURCE_PORTS, ServeOptions, run_serve
+from ._serve import ON_OFF, SOURCE_PORTS, ServeOptions, run_serve
 from ._spec import load_interceptor
 from ._toxic_cmd import toxic_app
 from ._toxics import toxic_kit
@@ -232,15 +232,16 @@ def serve(
         ),
     ] = uproxy_trio.DEFAULT_MAX_UDP_SESSIONS,
     udp_gso: Annotated[
-        bool,
+        str,
         typer.Option(
-            "--udp-gso/--no-udp-gso",
+            "--udp-gso",
+            metavar=choices(ON_OFF),
             envvar="UPROXY_UDP_GSO",
-            help="Send the UDP datagrams a session finds queued in runs, one segmented send "
-            "(GSO) each; --no-udp-gso sends each on its own, so that tcpdump and qdiscs on "
-            "this host's egress see datagrams rather than runs.",
+            help="on: send the UDP datagrams a session finds queued in runs, one segmented "
+            "send (GSO) each; off: each on its own, so that tcpdump and qdiscs on this host's "
+            "egress see datagrams rather than runs.",
         ),
-    ] = True,
+    ] = "on",
     source_port: Annotated[
         str,
         typer.Option(
@@ -435,7 +436,7 @@ def serve(
         udp_addresses=udp_addresses,
         udp_idle_timeout=values["udp_idle_timeout"],
         max_udp_sessions=values["max_udp_sessions"],
-        udp_gso=values["udp_gso"],
+        udp_gso=given.checked("udp_gso", _one_of(ON_OFF)).lower() == "on",
         source_port=values["source_port"],
         user=user,
         group=group,

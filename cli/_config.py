@@ -48,12 +48,6 @@ def _seconds(least: float) -> Callable[[object], float]:
     return check
 
 
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{value!r} is not true or false")
-    return value
-
-
 def _count(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{value!r} is not a whole number of at least 1")
@@ -91,7 +85,7 @@ OPTIONS: Mapping[str, Callable[[object], object]] = {
     "udp_listen": _strings,
     "udp_idle_timeout": _seconds(0.001),
     "max_udp_sessions": _count,
-    "udp_gso": _boolean,
+    "udp_gso": _string,
     "source_port": _string,
     "user": _string,
     "group": _string,

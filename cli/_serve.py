@@ -49,6 +49,7 @@ EXIT_DRAINED = 0
 EXIT_FLOWS_RESET = 1
 
 SOURCE_PORTS = ("keep", "ephemeral")
+ON_OFF = ("on", "off")
 
 
 def run_unwrapped(async_fn: Callable[[*Args], Awaitable[int]], *args: *Args) -> int:
@@ -240,7 +241,7 @@ def _run_workers(options: ServeOptions) -> int:
         *(arg for address in options.udp_listen for arg in ("--udp-listen", address)),
         *("--udp-idle-timeout", repr(options.udp_idle_timeout)),
         *("--max-udp-sessions", str(-(-options.max_udp_sessions // count))),
-        "--udp-gso" if options.udp_gso else "--no-udp-gso",
+        *("--udp-gso", "on" if options.udp_gso else "off"),
         *("--source-port", options.source_port),
         *(["--user", options.user] if options.user is not None else []),
         *(["--group", options.group] if options.group is not None else []),

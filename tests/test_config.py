@@ -100,7 +100,8 @@ BAD_FILES = [
     ('forward = ["127.0.0.1:1"]', "forward: '127.0.0.1:1': expected LISTEN=UPSTREAM"),
     ('forward = ["127.0.0.1:1=127.0.0.1:2"]\nworkers = 2', "forward: --forward works with one"),
     ('seed = "x"', "seed: 'x' is not a whole number"),
-    ('udp_gso = "no"', "udp_gso: 'no' is not true or false"),
+    ('udp_gso = "no"', "udp_gso: 'no' is not one of on, off"),
+    ("udp_gso = false", "udp_gso: False is not a string"),
     ("forwards = 1", "forwards: not an array of tables (write [[forwards]])"),
     ('[[forwards]]\nlisten = "127.0.0.1:1"', "[[forwards]] #1: upstream: missing"),
     (

@@ -211,13 +211,13 @@ async def test_a_capture_on_the_proxys_egress_sees_runs_unless_gso_is_off(
     assert (max(frames) > _ETHERNET_MTU) is gso
 
 
-@pytest.mark.parametrize("flag", ["--udp-gso", "--no-udp-gso"])
-async def test_serves_gso_flag_reaches_its_workers(
-    lab: Lab, cli_proxy: CliProxy, flag: str
+@pytest.mark.parametrize("gso", ["on", "off"])
+async def test_serves_gso_option_reaches_its_workers(
+    lab: Lab, cli_proxy: CliProxy, gso: str
 ) -> None:
-    """``uproxy serve --no-udp-gso`` (with two workers, which get it from the supervisor):
-    no run on the wire; the default: a flat-out stream leaves in runs."""
-    cli_proxy.start(*UDP_LISTEN_ARGS, "--workers", "2", flag)
+    """``uproxy serve --udp-gso off`` (with two workers, which get it from the supervisor):
+    no run on the wire; ``on``: a flat-out stream leaves in runs."""
+    cli_proxy.start(*UDP_LISTEN_ARGS, "--workers", "2", "--udp-gso", gso)
     cli_proxy.wait_for_log("2 workers ready")
     datagrams = _datagrams([1400] * 3000)
     with (
@@ -236,5 +236,5 @@ async def test_serves_gso_flag_reaches_its_workers(
         with _capture(lab) as frames:
             _send_burst(client, datagrams, (SERVER_V4, UDP_PORT))
             assert await _received(server, len(datagrams)) == datagrams
-    assert (max(frames) > _ETHERNET_MTU) is (flag == "--udp-gso")
+    assert (max(frames) > _ETHERNET_MTU) is (gso == "on")
     assert cli_proxy.stop() == 0
