@@ -73,11 +73,13 @@ def transparency_available() -> bool:
     return True
 
 
-def _transparent_socket(family: socket.AddressFamily) -> socket.socket:
+def _transparent_socket(
+    family: socket.AddressFamily, kind: socket.SocketKind = socket.SOCK_STREAM
+) -> socket.socket:
     # Plain non-blocking sockets, their readiness learnt from the proxy's reactor: a relay does
     # a system call only when one is needed, and holds no wrapper per socket. SOCK_NONBLOCK
     # at creation spares the ioctl that setblocking(False) would cost per flow.
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
     try:
         _make_transparent(sock, family)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -95,14 +97,7 @@ def transparent_datagram_socket(family: socket.AddressFamily) -> socket.socket:
     each of those addresses (one client talking to two servers, two clients to one server),
     hence ``SO_REUSEADDR``; once connected, each socket only takes its own peer's datagrams.
     """
-    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-    try:
-        _make_transparent(sock, family)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return _transparent_socket(family, socket.SOCK_DGRAM)
 
 
 def open_transparent_listener(address: Address, *, reuse_port: bool = False) -> socket.socket:
