@@ -42,7 +42,7 @@ import trio
 from ._ending import CloseFlow, EndKind, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
-from ._live import POKED_BITS, LiveSegment, until_readable
+from ._live import FAIRNESS_READS, POKED_BITS, LiveSegment, until_readable
 from ._readiness import PEER_CLOSED, READABLE, WRITABLE, Readiness, Side, Turn, bit
 from ._splice import SPLICE_FLAGS, Pipe, PipePool
 
@@ -57,9 +57,6 @@ SPLICE_MIN_BURST = 16384
 # reactor from the others (a turn of 1 MiB is about half a millisecond here).
 TURN_BYTES = 1 << 20
 
-# An intercepted direction whose source never runs dry yields to the other tasks after this
-# many reads, as Trio's fairness asks.
-FAIRNESS_READS = 16
 
 # Interceptors get chunks of up to INTERCEPT_READ_SIZE: large reads, fewer chunks, less
 # overhead each (512 KiB moved about 12% more than 256 KiB through an identity interceptor).

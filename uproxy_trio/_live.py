@@ -114,6 +114,11 @@ def live_picks(
     return picks(flow, way.direction, interceptors, way.picked)
 
 
+# A tap (TCP's ``_direction._Tap``, UDP's ``_udp_way._DatagramTap``) whose source never runs
+# dry yields to the other tasks after this many reads in a row, as Trio's fairness asks.
+FAIRNESS_READS = 16
+
+
 async def until_readable(readiness: Readiness, readable: int, poked: int) -> bool:
     """Return once ``readable`` may be set (true if that took a wait); raise ``Interrupted``
     if ``poked`` is set first (``poked`` 0: never)."""

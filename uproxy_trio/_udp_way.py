@@ -43,7 +43,7 @@ from ._datagram import (
 from ._ending import CloseFlow, ResetFlow
 from ._flow import Direction, Flow
 from ._interceptor import Interceptor, run_chain
-from ._live import POKED_BITS, LiveSegment, until_readable
+from ._live import FAIRNESS_READS, POKED_BITS, LiveSegment, until_readable
 from ._readiness import READABLE, WRITABLE, Readiness, Side, Turn, bit
 
 # Datagrams one pump moves per turn before the other sessions go (a 64-byte datagram costs
@@ -55,8 +55,6 @@ RUN_BUFFER = MAX_SEGMENTED_BYTES + MAX_DATAGRAM
 # be queued for them (a lookup made just before connect() on another CPU, delivered just
 # after it): microseconds in fact; the sources are checked for far longer.
 STRAY_WINDOW_S = 0.05
-# Datagrams an intercepted direction reads in a row before it lets other tasks run.
-FAIRNESS_READS = 16
 # Datagrams for a session that reached the listener and wait for the session's direction:
 # bounded, since a session whose server side is full must not hoard memory.
 INBOX_DATAGRAMS = 256
