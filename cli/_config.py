@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uproxy_trio import Forward, Route, Routes
+from uproxy_trio import Forward, Interceptor, Route, Routes
 
 from ._forwards import parse_forward
 from ._spec import SpecError, load_interceptor
@@ -149,18 +149,12 @@ def read_config(path: Path) -> ConfigFile:
         raise ConfigError(f"{path}: not TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not TOML: not UTF-8 text") from None
-    options: dict[str, Any] = {}
-    for key, value in document.items():
-        if key in TABLES:
-            continue
-        check = OPTIONS.get(key)
-        if check is None:
-            known = ", ".join(sorted([*OPTIONS, *TABLES]))
-            raise ConfigError(f"{path}: {key}: unknown key (the keys are {known})")
-        try:
-            options[key] = check(value)
-        except ValueError as exc:
-            raise ConfigError(f"{path}: {key}: {exc}") from None
+    options = _checked(
+        str(path),
+        {key: value for key, value in document.items() if key not in TABLES},
+        OPTIONS,
+        f"the keys are {', '.join(sorted([*OPTIONS, *TABLES]))}",
+    )
     routes = _routes(path, _tables(path, document, "routes"))
     forwards = _forwards(path, _tables(path, document, "forwards"), routes)
     return ConfigFile(path, options, routes, forwards)
@@ -173,30 +167,57 @@ def _tables(path: Path, document: dict[str, Any], key: str) -> list[dict[str, An
     return tables
 
 
+def _checked(
+    where: str,
+    table: Mapping[str, Any],
+    checks: Mapping[str, Callable[[object], object]],
+    known: str,
+) -> dict[str, Any]:
+    """``table``'s values, each through its key's check: a ``ConfigError`` at ``where`` for a
+    bad value, or for a key with no check (``known`` says which keys there are)."""
+    checked: dict[str, Any] = {}
+    for key, value in table.items():
+        check = checks.get(key)
+        if check is None:
+            raise ConfigError(f"{where}: {key}: unknown key ({known})")
+        try:
+            checked[key] = check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key}: {exc}") from None
+    return checked
+
+
+def _where(path: Path, key: str, number: int, table: Mapping[str, Any]) -> str:
+    """How an error names the file's ``number``th ``[[key]]`` table (by its name, if it has
+    one that is a string)."""
+    name = table.get("name")
+    return f"{path}: [[{key}]] #{number}" + (f" {name!r}" if isinstance(name, str) else "")
+
+
+def _loaded(where: str, specs: list[str]) -> list[Interceptor]:
+    """A table's ``interceptors``, loaded as ``--interceptor`` SPECs are."""
+    try:
+        return [load_interceptor(spec) for spec in specs]
+    except SpecError as exc:
+        raise ConfigError(f"{where}: interceptors: {exc}") from None
+
+
 def _forwards(path: Path, tables: list[dict[str, Any]], routes: Routes) -> tuple[Forward, ...]:
     forwards: list[Forward] = []
     taken = {route.name for route in routes}
     for number, table in enumerate(tables, 1):
-        name = table.get("name")
-        where = f"{path}: [[forwards]] #{number}" + (f" {name!r}" if isinstance(name, str) else "")
-        for key, value in table.items():
-            check = FORWARD_KEYS.get(key)
-            if check is None:
-                known = ", ".join(FORWARD_KEYS)
-                raise ConfigError(f"{where}: {key}: unknown key (a forward's keys are {known})")
-            try:
-                check(value)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {key}: {exc}") from None
+        where = _where(path, "forwards", number, table)
+        fields = _checked(
+            where, table, FORWARD_KEYS, f"a forward's keys are {', '.join(FORWARD_KEYS)}"
+        )
         for key in ("listen", "upstream"):
-            if key not in table:
+            if key not in fields:
                 raise ConfigError(f"{where}: {key}: missing (a forward has a listen and upstream)")
+        interceptors = _loaded(where, fields.get("interceptors", []))
         try:
-            interceptors = [load_interceptor(spec) for spec in table.get("interceptors", [])]
-        except SpecError as exc:
-            raise ConfigError(f"{where}: interceptors: {exc}") from None
-        try:
-            forward = parse_forward(f"{table['listen']}={table['upstream']}", name, interceptors)
+            forward = parse_forward(
+                f"{fields['listen']}={fields['upstream']}", fields.get("name"), interceptors
+            )
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if forward.name in taken:
@@ -209,24 +230,12 @@ def _forwards(path: Path, tables: list[dict[str, Any]], routes: Routes) -> tuple
 def _routes(path: Path, tables: list[dict[str, Any]]) -> Routes:
     routes: list[Route] = []
     for number, table in enumerate(tables, 1):
+        where = _where(path, "routes", number, table)
         name = table.get("name")
-        where = f"{path}: [[routes]] #{number}" + (f" {name!r}" if isinstance(name, str) else "")
         if name is None:
             raise ConfigError(f"{where}: name: missing (every route has a name)")
-        fields: dict[str, Any] = {}
-        for key, value in table.items():
-            check = ROUTE_KEYS.get(key)
-            if check is None:
-                known = ", ".join(ROUTE_KEYS)
-                raise ConfigError(f"{where}: {key}: unknown key (a route's keys are {known})")
-            try:
-                fields[key] = check(value)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {key}: {exc}") from None
-        try:
-            fields["interceptors"] = [load_interceptor(s) for s in fields.get("interceptors", [])]
-        except SpecError as exc:
-            raise ConfigError(f"{where}: interceptors: {exc}") from None
+        fields = _checked(where, table, ROUTE_KEYS, f"a route's keys are {', '.join(ROUTE_KEYS)}")
+        fields["interceptors"] = _loaded(where, fields.get("interceptors", []))
         if name in (route.name for route in routes):
             raise ConfigError(f"{where}: name: another route is named {name!r}")
         try:
