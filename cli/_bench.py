@@ -104,7 +104,7 @@ def bench(
     if os.geteuid() != 0:
         raise CommandError("uproxy bench needs root (network namespaces, iptables, apt-get)")
     if udp:
-        _bench_udp(_udp_relays(relay), ctx_idle_flows(idle_flows), duration, json_output)
+        _bench_udp(_udp_relays(relay), _udp_idle_sessions(idle_flows), duration, json_output)
         return
     settings = BenchSettings(
         relays=_in_bench_order(relay or list(Relay)),
@@ -113,21 +113,15 @@ def bench(
         uproxy_syn_to_tproxy=uproxy_syn_to_tproxy,
         workers=workers,
     )
-    try:
-        with _sigterm_as_interrupt():
-            report = run_bench(settings, _progress)
-    except LabError as exc:
-        raise CommandError(str(exc)) from None
-    except KeyboardInterrupt:
-        # run_bench has stopped its daemons and deleted the lab on the way out.
-        raise CommandError("interrupted", EXIT_INTERRUPTED) from None
+    with _one_line_errors():
+        report = run_bench(settings, _progress)
     if json_output:
         print(json.dumps(report_as_json(report), indent=2))
     else:
         print(format_report(report), end="")
 
 
-def ctx_idle_flows(idle_flows: int) -> int:
+def _udp_idle_sessions(idle_flows: int) -> int:
     """``--idle-flows`` for the UDP bench: its own default when left at the TCP one."""
     return _UDP_DEFAULTS.idle_sessions if idle_flows == _DEFAULTS.idle_flows else idle_flows
 
@@ -151,17 +145,26 @@ def _bench_udp(
     relays: tuple[UdpRelay, ...], idle_sessions: int, duration: int, json_output: bool
 ) -> None:
     settings = UdpSettings(relays=relays, duration_s=duration, idle_sessions=idle_sessions)
-    try:
-        with _sigterm_as_interrupt():
-            results = run_udp_bench(settings, _progress)
-    except LabError as exc:
-        raise CommandError(str(exc)) from None
-    except KeyboardInterrupt:
-        raise CommandError("interrupted", EXIT_INTERRUPTED) from None
+    with _one_line_errors():
+        results = run_udp_bench(settings, _progress)
     if json_output:
         print(json.dumps([dataclasses.asdict(result) for result in results], indent=2))
     else:
         print(format_udp_report(results))
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A bench run, which ``kill`` and Ctrl-C interrupt alike: a lab that fails, or the
+    interruption, is one line (the bench has stopped its daemons and deleted its labs on the
+    way out)."""
+    try:
+        with _sigterm_as_interrupt():
+            yield
+    except LabError as exc:
+        raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise CommandError("interrupted", EXIT_INTERRUPTED) from None
 
 
 @contextmanager
