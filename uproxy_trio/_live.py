@@ -25,7 +25,7 @@ When the last live interceptor goes and the route has no static one, the segment
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 import trio
@@ -112,6 +112,21 @@ def live_picks(
     if way.picked is None:
         way.picked = {}
     return picks(flow, way.direction, interceptors, way.picked)
+
+
+def running_names(
+    flow: Flow,
+    ways: Sequence[Switchable],
+    chains: Mapping[Direction, Sequence[Interceptor]],
+    live: Sequence[Interceptor],
+) -> tuple[str, ...]:
+    """The names of the interceptors ``flow``'s ``ways`` run now, each once, as ``flows()``
+    lists them: each way's static chain, then the route's ``live`` ones it picked."""
+    names: dict[str, None] = {}
+    for way in ways:
+        for interceptor in (*chains[way.direction], *live_picks(way, flow, live)):
+            names[getattr(interceptor, "__name__", type(interceptor).__name__)] = None
+    return tuple(names)
 
 
 # A tap (TCP's ``_direction._Tap``, UDP's ``_udp_way._DatagramTap``) whose source never runs

@@ -52,7 +52,7 @@ from ._events import (
 from ._flow import Direction, Flow, FlowInfo
 from ._forward import Forward, open_forward_listener, open_upstream
 from ._interceptor import Interceptor, chain_for, picks_flows, wants
-from ._live import changed, live_picks
+from ._live import changed, live_picks, running_names
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._routes import Route, Routes
 from ._splice import SPLICE_AVAILABLE, PipePool
@@ -159,17 +159,11 @@ class _LiveFlow:
         self.intercepted = False  # whether an interceptor has run on it
 
     def info(self, now: float, live_chains: Sequence[Interceptor]) -> FlowInfo:
-        names: dict[str, None] = {}
         ways = self.ways or ()
-        for way in ways:
-            for interceptor in (
-                *self.chains[way.direction],
-                *live_picks(way, self.flow, live_chains),
-            ):
-                names[getattr(interceptor, "__name__", type(interceptor).__name__)] = None
+        names = running_names(self.flow, ways, self.chains, live_chains)
         written = [way.written for way in ways] or [0, 0]
         return FlowInfo(
-            self.flow, self.plan.route, tuple(names), written[0], written[1], now - self.started
+            self.flow, self.plan.route, names, written[0], written[1], now - self.started
         )
 
     @property

@@ -41,7 +41,7 @@ from ._datagram import (
 from ._events import EventSink, FlowClosed, FlowOpened, InterceptorFailed
 from ._flow import Direction, Flow, FlowInfo
 from ._interceptor import Interceptor
-from ._live import changed, live_picks
+from ._live import changed, live_picks, running_names
 from ._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, bit
 from ._transparent import is_own_listener
 from ._udp_way import RUN_BUFFER, DatagramEnd, DatagramWay, Drop, both_ways
@@ -204,15 +204,11 @@ class UdpSessions:
             FlowInfo(
                 session.flow,
                 session.route,
-                tuple(
-                    {
-                        getattr(interceptor, "__name__", type(interceptor).__name__): None
-                        for way in session.ways
-                        for interceptor in (
-                            *session.chains[way.direction],
-                            *live_picks(way, session.flow, self._live_interceptors(session.route)),
-                        )
-                    }
+                running_names(
+                    session.flow,
+                    session.ways,
+                    session.chains,
+                    self._live_interceptors(session.route),
                 ),
                 session.ways[0].written,
                 session.ways[1].written,
