@@ -60,6 +60,8 @@ class LoopbackFlow:
     ending: FlowEnding = field(default_factory=FlowEnding)
     events: list[FlowEvent] = field(default_factory=list)
     ways: tuple[Way, Way] | None = None
+    live: _LiveFlow | None = None
+    """The flow as ``Proxy`` holds it while it relays (``stop`` it as the sweep would)."""
     done: trio.Event = field(default_factory=trio.Event)
 
     def changed(self) -> None:
@@ -95,7 +97,7 @@ async def relay_one(
     live_chains: Mapping[str | None, Sequence[Interceptor]],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """What ``Proxy._relay_flow`` does once the flow is connected."""
+    """What ``Proxy._run_flow`` does once the flow is connected."""
     readiness = flow.readiness
     with (
         reactor.watch(flow.client_inner, readiness, Side.CLIENT),
@@ -104,7 +106,7 @@ async def relay_one(
         try:
             async with trio.open_nursery() as nursery:
                 plan = _Plan(None, (), DEFAULT_CONNECT_TIMEOUT_S, None)  # its chains: below
-                live = _LiveFlow(FLOW, 0.0, nursery, flow.ending, plan)
+                live = flow.live = _LiveFlow(FLOW, 0.0, nursery, flow.ending, plan)
                 flow.ways = live.ways = both_ways(
                     flow.client_inner, flow.server_inner, readiness, shared
                 )
@@ -185,6 +187,28 @@ def pattern(size: int, seed: int = 0) -> bytes:
     """Bytes that reveal a lost, repeated or reordered slice."""
     block = bytes((seed + i * 7) % 251 for i in range(251))
     return (block * (size // 251 + 1))[:size]
+
+
+def all_tasks() -> Iterator[trio.lowlevel.Task]:
+    """Every task of this run, parents before their children."""
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        if task is None:
+            continue
+        yield task
+        stack.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+
+def relay_task(way: Way) -> trio.lowlevel.Task:
+    """The ``relay_direction`` task that moves ``way``."""
+    for task in all_tasks():
+        coro = task.coro
+        if getattr(coro, "cr_code", None) is relay_direction.__code__:
+            frame = getattr(coro, "cr_frame", None)
+            if frame is not None and frame.f_locals.get("way") is way:
+                return task
+    raise LookupError(f"no relay task for {way.direction}")
 
 
 class LongestStep(trio.abc.Instrument):

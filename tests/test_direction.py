@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
-from relay_tools import loopback_flows, pattern, read_to_eof, relayed, write_all
+import trio.testing
+from relay_tools import loopback_flows, pattern, read_to_eof, relay_task, relayed, write_all
 
-from uproxy_trio import Direction, Flow, HalfClosed, InterceptorFailed
+from uproxy_trio import Direction, Flow, HalfClosed, Interceptor, InterceptorFailed
 from uproxy_trio._direction import (
     READ_SIZE,
     SPLICE_MIN_BURST,
@@ -19,7 +20,8 @@ from uproxy_trio._direction import (
     DirectionState,
     Step,
 )
-from uproxy_trio._ending import EndKind
+from uproxy_trio._ending import EndKind, Stop
+from uproxy_trio._proxy import _LiveFlow
 
 # -- the decisions ----------------------------------------------------------------------------
 
@@ -161,6 +163,73 @@ async def test_after_the_decision_to_reset_no_fin_goes_out() -> None:
     assert flow.ending.reason == "server_reset"
 
 
+class StopOnceWoken(trio.abc.Instrument):
+    """Stops a flow right after the task step that wakes ``task`` (the reactor's), before
+    ``task`` has run again: the reset is decided while that task holds a wake-up it has not
+    yet acted on."""
+
+    def __init__(self, task: trio.lowlevel.Task, live: _LiveFlow) -> None:
+        self.task = task
+        self.live = live
+        self.woken = False
+        self.stopped = False  # by this instrument: the flow was not over yet
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.woken = True
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.woken and task is not self.task:
+            self.woken = False
+            self.live.stop(Stop.RESET_REQUESTED)
+            self.stopped = self.live.ending.stopped is Stop.RESET_REQUESTED
+
+
+async def identity(
+    flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield chunk
+
+
+@pytest.mark.parametrize(
+    ("intercepted", "last"),
+    [(False, "fin"), (True, "fin"), (True, "bytes")],
+    ids=["plain-fin", "intercepted-fin", "intercepted-bytes"],
+)
+async def test_a_direction_woken_before_the_reset_decision_moves_nothing_after_it(
+    intercepted: bool, last: str
+) -> None:
+    # The reactor sees the client's FIN (or bytes) and wakes the direction's task; before that
+    # task runs, the flow is stopped. The task must not act on what it was woken for: the
+    # server sees the reset alone, no FIN and no byte before it.
+    chains: dict[Direction, Sequence[Interceptor]] = (
+        {Direction.CLIENT_TO_SERVER: (identity,)} if intercepted else {}
+    )
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow, chains=chains):
+            with trio.fail_after(5):
+                await write_all(flow.client, b"x")
+                assert await _recv(flow.server) == b"x"
+                await trio.testing.wait_all_tasks_blocked()
+                assert flow.ways is not None
+                assert flow.live is not None
+                stopper = StopOnceWoken(relay_task(flow.ways[0]), flow.live)
+                trio.lowlevel.add_instrument(stopper)
+                try:
+                    if last == "fin":
+                        flow.client.shutdown(socket.SHUT_WR)
+                    else:
+                        await write_all(flow.client, b"too late")
+                    assert await _what_arrives(flow.server) == (b"", "reset")
+                finally:
+                    trio.lowlevel.remove_instrument(stopper)
+                await flow.done.wait()
+    assert stopper.stopped
+    assert flow.ending.reason == "reset_requested"
+    assert not flow.events  # no HalfClosed
+
+
 async def test_a_slow_reader_gets_every_byte_the_relay_held_for_it() -> None:
     # The sink's buffers are small and its reader slow, so the relay holds bytes (a backlog
     # or a pipe) and waits for the sink over and over.
@@ -205,6 +274,17 @@ async def test_an_interceptor_that_fails_resets_its_flow_and_says_why() -> None:
                 await flow.done.wait()
     assert flow.ending.reason == "interceptor_failed"
     assert [type(event) for event in flow.events] == [InterceptorFailed]
+
+
+async def _what_arrives(sock: socket.socket) -> tuple[bytes, str]:
+    """What ``sock`` reads until its peer's FIN (``"fin"``) or reset (``"reset"``)."""
+    received = bytearray()
+    try:
+        while chunk := await _recv(sock):
+            received += chunk
+    except ConnectionResetError:
+        return bytes(received), "reset"
+    return bytes(received), "fin"
 
 
 async def _recv(sock: socket.socket) -> bytes:
