@@ -12,7 +12,7 @@ import trio
 import trio.testing
 from relay_tools import loopback_flows, pattern, read_to_eof, relay_task, relayed, write_all
 
-from uproxy_trio import Direction, Flow, HalfClosed, Interceptor, InterceptorFailed
+from uproxy_trio import Direction, Flow, FlowEvent, HalfClosed, Interceptor, InterceptorFailed
 from uproxy_trio._direction import (
     READ_SIZE,
     SPLICE_MIN_BURST,
@@ -161,6 +161,86 @@ async def test_after_the_decision_to_reset_no_fin_goes_out() -> None:
                     await read_to_eof(flow.client)
                 await flow.done.wait()
     assert flow.ending.reason == "server_reset"
+
+
+class StepsOf(trio.abc.Instrument):
+    """Counts the steps ``tasks`` take: each is one trip through Trio's scheduler."""
+
+    def __init__(self, tasks: Sequence[trio.lowlevel.Task]) -> None:
+        self.steps = dict.fromkeys(tasks, 0)
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task in self.steps:
+            self.steps[task] += 1
+
+
+async def test_a_plain_directions_task_sleeps_while_the_reactor_relays_and_wakes_once() -> None:
+    # 100 request-response round trips, then a FIN each way: each direction's task takes one
+    # step for all of it (woken at its end, it passes the FIN on and returns), not one a message.
+    with loopback_flows(1) as (flow,):
+        async with relayed(flow):
+            with trio.fail_after(10):
+                await write_all(flow.client, b"x")
+                assert await _recv(flow.server) == b"x"
+                await trio.testing.wait_all_tasks_blocked()
+                assert flow.ways is not None
+                counted = StepsOf([relay_task(way) for way in flow.ways])
+                trio.lowlevel.add_instrument(counted)
+                try:
+                    for _ in range(100):
+                        await write_all(flow.client, b"ping")
+                        assert await _recv(flow.server) == b"ping"
+                        await write_all(flow.server, b"pong")
+                        assert await _recv(flow.client) == b"pong"
+                    flow.client.shutdown(socket.SHUT_WR)
+                    assert await read_to_eof(flow.server) == b""
+                    flow.server.shutdown(socket.SHUT_WR)
+                    assert await read_to_eof(flow.client) == b""
+                    await flow.done.wait()
+                finally:
+                    trio.lowlevel.remove_instrument(counted)
+    assert flow.ending.reason == "closed"
+    assert list(counted.steps.values()) == [1, 1]
+
+
+async def test_the_reactor_runs_no_event_sink_and_no_interceptor() -> None:
+    # The end-of-direction work (FIN or RST, events) and every interceptor run in the
+    # direction's own task, whatever path it takes: the reactor only moves bytes and wakes tasks.
+    ran_in: list[tuple[str, trio.lowlevel.Task]] = []
+
+    async def noting(
+        flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            ran_in.append(("interceptor", trio.lowlevel.current_task()))
+            yield chunk
+
+    class NotingEvents(list[FlowEvent]):
+        def append(self, event: FlowEvent) -> None:
+            ran_in.append((type(event).__name__, trio.lowlevel.current_task()))
+            super().append(event)
+
+    with loopback_flows(1) as (flow,):
+        flow.events = NotingEvents()
+        async with relayed(flow, chains={Direction.CLIENT_TO_SERVER: (noting,)}):
+            with trio.fail_after(5):
+                await write_all(flow.client, b"ping")
+                assert await _recv(flow.server) == b"ping"
+                await write_all(flow.server, b"pong")
+                assert await _recv(flow.client) == b"pong"
+                assert flow.ways is not None
+                relays = {way.direction: relay_task(way) for way in flow.ways}
+                flow.client.shutdown(socket.SHUT_WR)
+                assert await read_to_eof(flow.server) == b""
+                flow.server.shutdown(socket.SHUT_WR)
+                assert await read_to_eof(flow.client) == b""
+                await flow.done.wait()
+    to_server, to_client = relays[Direction.CLIENT_TO_SERVER], relays[Direction.SERVER_TO_CLIENT]
+    assert ran_in == [
+        ("interceptor", to_server),
+        ("HalfClosed", to_server),
+        ("HalfClosed", to_client),
+    ]
 
 
 class StopOnceWoken(trio.abc.Instrument):
