@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -25,15 +26,19 @@ from lab_tools import (
     send_all,
     silent_server_port,
 )
+from relay_tools import all_tasks
 
 from uproxy_netns import SERVER_V4, SERVER_V6, Lab
 from uproxy_trio import (
+    Direction,
+    Flow,
     FlowClosed,
     FlowOpened,
     HalfClosed,
     UpstreamConnected,
     UpstreamFailed,
 )
+from uproxy_trio._proxy import _FLOW_TASK, _RELAY_TASK
 
 pytestmark = pytest.mark.lab
 
@@ -174,6 +179,39 @@ async def test_silent_upstream_times_out_and_resets_the_client(inside_proxy: Lab
             nursery.cancel_scope.cancel()
     assert failed.reason == "timeout"
     assert 0.5 <= waited <= 0.5 * TIMEOUT_LATENESS + SCHEDULING_ALLOWANCE_S
+
+
+async def passing(
+    flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield chunk
+
+
+@pytest.mark.parametrize("intercepted", [False, True], ids=["plain", "intercepted"])
+async def test_every_flow_has_a_nursery_with_one_relay_task_per_direction(
+    inside_proxy: Lab, intercepted: bool
+) -> None:
+    # The design card's shape, for plain and intercepted flows alike: the flow's task opens
+    # the flow's nursery (whose cancel scope tears it down), and two relay tasks run in it.
+    lab = inside_proxy
+    events = EventLog()
+    options = {"interceptors": [passing]} if intercepted else {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_library_proxy, events, options)
+        with trio.fail_after(10):
+            async with open_flow(lab, SERVER_V4) as (client, server, _):
+                await send_all(client, b"ping")
+                assert await recv_exactly(server, 4) == b"ping"
+                await send_all(server, b"pong")
+                assert await recv_exactly(client, 4) == b"pong"
+                (flow_task,) = [task for task in all_tasks() if task.name == _FLOW_TASK]
+                (flow_nursery,) = flow_task.child_nurseries
+                relays = [task.name for task in flow_nursery.child_tasks]
+            (closed,) = await events.wait_for(FlowClosed)
+        nursery.cancel_scope.cancel()
+    assert relays == [_RELAY_TASK, _RELAY_TASK]
+    assert closed.intercepted is intercepted
 
 
 async def test_every_flow_ends_without_leaking_sockets_or_tasks(inside_proxy: Lab) -> None:
