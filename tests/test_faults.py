@@ -4,7 +4,9 @@ one ``FlowClosed``, and the server goes on serving."""
 from __future__ import annotations
 
 import errno
+import functools
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 
@@ -17,11 +19,14 @@ from lab_tools import (
     echo_server,
     listen,
     recv_exactly,
+    recv_until_eof,
     run_library_proxy,
     send_all,
 )
 
+import uproxy_trio
 import uproxy_trio._proxy
+import uproxy_trio._transparent
 from uproxy_netns import SERVER_V4, Lab
 from uproxy_trio import Flow, FlowClosed, TransparencyUnavailable
 from uproxy_trio._direction import Way
@@ -103,6 +108,48 @@ async def test_a_fault_before_connecting_out_resets_that_client_with_one_flow_cl
             await roundtrip(healthy)
         nursery.cancel_scope.cancel()
     assert (closed.flow.id, closed.reason) == (2, "proxy_error")
+
+
+async def test_no_descriptor_to_check_for_a_self_loop_resets_that_client_with_one_flow_closed(
+    inside_proxy: Lab, echo: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A listener on a wildcard address owns its port on every local address: a flow to that
+    # port costs a probe socket, to learn whether its destination is local. With no descriptor
+    # left for it, that flow is reset and reported once; the proxy goes on.
+    lab = inside_proxy
+    real_is_local = uproxy_trio._transparent._is_local_address
+    calls = 0
+
+    def out_of_descriptors(host: str) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_is_local(host)
+
+    monkeypatch.setattr(uproxy_trio._transparent, "_is_local_address", out_of_descriptors)
+    events = EventLog()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(uproxy_trio.serve, [("0.0.0.0", PROXY_PORT)], on_event=events)
+        )
+        with trio.fail_after(10):
+            # (port 9091 of the server: the listener's own port, on an address not local here)
+            refused = await connect(lab.client, SERVER_V4, PROXY_PORT)
+            with pytest.raises(ConnectionResetError):
+                await recv_until_eof(refused)
+            refused.close()
+            await connect_expecting_reset(lab.client, SERVER_V4, PROXY_PORT)
+            closed = await events.wait_for(FlowClosed, count=2)
+            after = await connect(lab.client, SERVER_V4, 9090)
+            await roundtrip(after)
+            after.close()
+        nursery.cancel_scope.cancel()
+    assert calls == 2
+    assert [(event.flow.id, event.reason) for event in closed] == [
+        (1, "upstream_refused"),
+        (2, "proxy_error"),
+    ]
 
 
 async def test_a_bug_in_a_relay_resets_both_sides_of_that_flow_only(
