@@ -100,6 +100,8 @@ def test_serve_help_shows_the_defaults_that_are_not_values() -> None:
     assert "[default: (off)]" in options["--idle-timeout"]
     assert "[default: (the user's own)]" in options["--group"]
     assert "[default: 10.0]" in options["--connect-timeout"]
+    # What the default level writes: the access-log line, not every step of a flow.
+    assert "info: one line per flow, at its close;" in options["--log-level"]
 
 
 BAD_SPEC_FILE = "async def not_a_generator(flow, direction, chunks):\n    return chunks\n"
