@@ -166,6 +166,23 @@ def test_interfaces_the_rules_name_must_exist_and_be_up(
     assert "ok    reverse-path filter is not strict on ens7" in lines
 
 
+def test_an_interface_given_to_check_that_this_host_lacks_is_a_miss_of_its_own(
+    lab: Lab,
+) -> None:
+    """Mistyped on check's command line, it is that name to fix, not the rules (which name
+    ens6 and ens7, both up)."""
+    done = run_uproxy("check", *LISTEN_BOTH, "--in-interface", "nosuch1", namespace=lab.proxy)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    missing = lines.index("MISS  interface nosuch1 is up")
+    assert lines[missing + 1 : missing + 3] == [
+        "      (no such interface here)",
+        "      fix: name an interface this host has (ip -br link lists them)",
+    ]
+    assert "ok    interface ens6, named by the TPROXY rules, is up" in lines
+    assert lines[-1] == "1 of 15 checks missed"
+
+
 def test_strict_reverse_path_filtering_and_no_forwarding_are_misses(plain_lab: Lab) -> None:
     plain_lab.proxy.sysctl({"net.ipv4.conf.ens6.rp_filter": 1})
     done = run_uproxy("check", namespace=plain_lab.proxy)
