@@ -61,7 +61,8 @@ async def test_a_second_waiter_on_the_same_bits_is_refused() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(readiness.wait, CLIENT_READABLE | bit(Side.SERVER, WRITABLE))
         await trio.testing.wait_all_tasks_blocked()
-        with pytest.raises(trio.BusyResourceError):
+        # Refused at once: a second waiter let in would park here for good.
+        with trio.fail_after(5), pytest.raises(trio.BusyResourceError):
             await readiness.wait(CLIENT_READABLE)
         # Other bits of the same flow are another task's to wait on.
         with trio.move_on_after(0.01):
