@@ -189,6 +189,12 @@ async def recv_exactly(sock: trio.socket.SocketType, size: int) -> bytes:
     return bytes(received)
 
 
+async def roundtrip(sock: trio.socket.SocketType, data: bytes = b"ping") -> None:
+    """Send ``data`` and read it back from an echo server."""
+    await send_all(sock, data)
+    assert await recv_exactly(sock, len(data)) == data
+
+
 def reset_close(sock: trio.socket.SocketType) -> None:
     """Close with a RST, as a crashing or aborting peer would."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
