@@ -341,7 +341,8 @@ def serve(
             "--log-level",
             metavar=choices(LOG_LEVELS),
             envvar="UPROXY_LOG_LEVEL",
-            help="The least severe messages logged (info: every flow's life).",
+            help="The least severe messages logged (info: one line per flow, at its close; "
+            "debug: each flow's open, upstream connect and half-closes too).",
         ),
     ] = "info",
     log_format: Annotated[

@@ -155,6 +155,7 @@ def _result_as_json(result: RelayResult, by_relay: dict[Relay, RelayResult]) -> 
         "idle": None,
         "lab": result.lab,
         "pids": list(result.pids),
+        "command": list(result.command),
     }
     if result.idle is not None:
         figures["idle"] = {

@@ -175,15 +175,14 @@ def check_interfaces(names: Iterable[str], named_by_rules: set[str]) -> list[Che
         if up:
             checks.append(Check(what, True))
         elif not matching:
-            checks.append(
-                Check(
-                    what,
-                    False,
-                    "apply rules that name this host's interfaces (ip -br link lists them): "
-                    "uproxy rules --in-interface IFACE --out-interface IFACE ... --apply",
-                    "no such interface here",
-                )
+            # Rules naming it must be replaced; a name given to check was likely mistyped.
+            fix = (
+                "apply rules that name this host's interfaces (ip -br link lists them): "
+                "uproxy rules --in-interface IFACE --out-interface IFACE ... --apply"
+                if name in named_by_rules
+                else "name an interface this host has (ip -br link lists them)"
             )
+            checks.append(Check(what, False, fix, "no such interface here"))
         elif not any("UP" in links[link] for link in matching):
             checks.append(Check(what, False, f"ip link set {matching[0]} up", "it is down"))
         else:

@@ -87,7 +87,7 @@ def down(
     name: Annotated[
         str | None,
         typer.Argument(
-            metavar="[NAME]", help="The lab to remove, as `status` lists it; default: all."
+            metavar="NAME", help="The lab to remove, as `status` lists it; default: all."
         ),
     ] = None,
 ) -> None:

@@ -82,16 +82,28 @@ def _takes_three(candidate: Any) -> bool:
 
 
 def _literal_arguments(spec: str, arguments: str) -> tuple[list[Any], dict[str, Any]]:
-    if not arguments.endswith(")"):
-        raise SpecError(f"{spec!r}: arguments must end with ')'")
+    source = f"f({arguments}"
     try:
-        call = ast.parse(f"f({arguments}", mode="eval").body
-        assert isinstance(call, ast.Call)
+        call = ast.parse(source, mode="eval").body
+    except SyntaxError:
+        call = None
+    # One call of ``f`` that is the whole text: ``f(1) or g()``, ``f(1)(2)``, ``f(1), g`` and
+    # ``f(1)#)`` are refused rather than read in part (an ``assert`` here let them through
+    # as a traceback, or dropped what followed).
+    if not (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Name)
+        and ast.get_source_segment(source, call) == source
+    ):
+        raise SpecError(
+            f"{spec!r}: the arguments must be one (...) of Python literals at the end of the SPEC"
+        )
+    try:
         args = [ast.literal_eval(node) for node in call.args]
         kwargs = {str(kw.arg): ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
         if len(kwargs) != len(call.keywords):
             raise ValueError("**kwargs")
-    except (SyntaxError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise SpecError(f"{spec!r}: arguments must be Python literals ({exc})") from None
     return args, kwargs
 

@@ -124,7 +124,7 @@ def remove(
 def list_toxics(
     proxy: Annotated[
         str | None,
-        typer.Argument(metavar="[PROXY]", help="One proxy; default: every proxy."),
+        typer.Argument(metavar="PROXY", help="One proxy; default: every proxy."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The API's JSON, as it is.")] = False,
     control: ControlOption = DEFAULT_CONTROL,

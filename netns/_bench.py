@@ -130,6 +130,9 @@ class RelayResult:
     """The lab's tag: its namespaces were ``TAG-client``, ``TAG-proxy``, ``TAG-server``."""
     pids: tuple[int, ...]
     """Every daemon started for this relay; all are gone once its result exists."""
+    command: tuple[str, ...] = ()
+    """The proxy's command line as it ran (empty for kernel forwarding): the options a run
+    is to be reproduced with, ``--log-level`` among them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +212,7 @@ def _bench_relay(
         idle,
         lab.tag,
         tuple(daemon.pid for daemon in daemons),
+        () if proxy is None else proxy.command,
     )
 
 

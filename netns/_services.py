@@ -28,10 +28,18 @@ _LOG_TAIL_CHARS = 2000
 class Service:
     """One daemon started by ``running``: its process and where its output went."""
 
-    def __init__(self, name: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        process: subprocess.Popen[bytes],
+        log_path: Path,
+        command: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.process = process
         self.log_path = log_path
+        self.command = tuple(command)
+        """The daemon's own argv (without the ``ip netns exec`` that runs it)."""
 
     @property
     def pid(self) -> int:
@@ -126,7 +134,7 @@ def running(
             cwd=workdir,
             start_new_session=True,
         )
-    service = Service(name, process, log_path)
+    service = Service(name, process, log_path, argv)
     try:
         if ready_port is not None:
             wait_listening(namespace, ready_port, service)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from uproxy_trio import format_address, parse_address
@@ -38,6 +40,21 @@ def test_parses_and_round_trips(text: str, address: tuple[str, int]) -> None:
 )
 def test_refuses_with_a_reason(text: str, complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
+        parse_address(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("::1:9091", "'::1:9091': write an IPv6 address in brackets, as [::1]:9091"),
+        # Brackets already there: no port, or no closing bracket. No made-up "[[:]:1]".
+        ("[::1]", "'[::1]' is not [IPV6]:PORT, as [::1]:9091"),
+        ("[::1:9091", "'[::1:9091' is not [IPV6]:PORT, as [::1]:9091"),
+        ("[2001:db8::1]9091", "'[2001:db8::1]9091' is not [IPV6]:PORT, as [::1]:9091"),
+    ],
+)
+def test_the_ipv6_hint_is_a_form_that_parses(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         parse_address(text)
 
 

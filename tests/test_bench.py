@@ -109,6 +109,13 @@ def test_two_benches_at_once_measure_every_relay_and_leave_nothing_behind() -> N
     assert "ratios" not in reports[1]["results"]["haproxy"]
     # uproxy at serve's default log level is measured like uproxy, idle flows aside.
     assert logged["idle"] is None
+    # ... and it really ran at serve's default, the others at warning, as the header says.
+    assert "--log-level" not in logged["command"], logged["command"]
+    for figures in (uproxy, identity):
+        level = figures["command"].index("--log-level")
+        assert figures["command"][level + 1] == "warning", figures["command"]
+    assert kernel["command"] == []
+    assert "serve" in logged["command"]
     assert "! --syn" not in logged["rules"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import trio
@@ -128,16 +129,31 @@ def test_a_plain_router_misses_the_set_up_until_uproxy_rules_applies_it(plain_la
     assert "MISS  a TPROXY rule delivers to 127.0.0.1:9999" in done.stdout.splitlines()
 
 
-@pytest.mark.parametrize("backend", ["nft", "iptables"])
-def test_interfaces_the_rules_name_must_exist_and_be_up(plain_lab: Lab, backend: str) -> None:
+def legacy_iptables(directory: Path) -> dict[str, str]:
+    """An environment whose ``iptables`` tools are the legacy ones, as on a host that chose
+    them: their rules do not show in ``nft list ruleset``, so check reads ``iptables-save``."""
+    for tool in ("iptables", "ip6tables"):
+        for suffix in ("", "-save", "-restore"):
+            (directory / f"{tool}{suffix}").symlink_to(f"/usr/sbin/{tool}-legacy{suffix}")
+    return {"PATH": f"{directory}:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+@pytest.mark.parametrize("backend", ["nft", "iptables", "iptables-legacy"])
+def test_interfaces_the_rules_name_must_exist_and_be_up(
+    plain_lab: Lab, backend: str, tmp_path: Path
+) -> None:
     """Rules for an interface this host lacks, or one that is down, intercept nothing: that
     is a miss, not 'all checks passed'."""
     proxy = plain_lab.proxy
-    rules = ["rules", "-b", backend, "--in-interface", "nosuch0", "--out-interface", "ens7"]
-    done = run_uproxy(*rules, "--port", "9090", *LISTEN_BOTH, "--apply", namespace=proxy)
+    env = legacy_iptables(tmp_path) if backend == "iptables-legacy" else None
+    rules = ["rules", "-b", backend.removesuffix("-legacy")]
+    rules += ["--in-interface", "nosuch0", "--out-interface", "ens7", "--port", "9090"]
+    done = run_uproxy(*rules, *LISTEN_BOTH, "--apply", namespace=proxy, env=env)
     assert done.returncode == 0, done.stderr
+    if env is not None:
+        assert "nosuch0" not in proxy.run(["nft", "list", "ruleset"])
     proxy.ip("link set ens7 down\n")
-    done = run_uproxy("check", *LISTEN_BOTH, namespace=proxy)
+    done = run_uproxy("check", *LISTEN_BOTH, namespace=proxy, env=env)
     assert done.returncode == 1
     lines = done.stdout.splitlines()
     missing = lines.index("MISS  interface nosuch0, named by the TPROXY rules, is up")
@@ -148,6 +164,23 @@ def test_interfaces_the_rules_name_must_exist_and_be_up(plain_lab: Lab, backend:
     assert lines[-1] == "2 of 14 checks missed"
     # The rp_filter check looks at the interfaces the rules name.
     assert "ok    reverse-path filter is not strict on ens7" in lines
+
+
+def test_an_interface_given_to_check_that_this_host_lacks_is_a_miss_of_its_own(
+    lab: Lab,
+) -> None:
+    """Mistyped on check's command line, it is that name to fix, not the rules (which name
+    ens6 and ens7, both up)."""
+    done = run_uproxy("check", *LISTEN_BOTH, "--in-interface", "nosuch1", namespace=lab.proxy)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    missing = lines.index("MISS  interface nosuch1 is up")
+    assert lines[missing + 1 : missing + 3] == [
+        "      (no such interface here)",
+        "      fix: name an interface this host has (ip -br link lists them)",
+    ]
+    assert "ok    interface ens6, named by the TPROXY rules, is up" in lines
+    assert lines[-1] == "1 of 15 checks missed"
 
 
 def test_strict_reverse_path_filtering_and_no_forwarding_are_misses(plain_lab: Lab) -> None:

@@ -6,7 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import typer
 from cli_tools import run_uproxy
+
+from uproxy_cli._app import app as uproxy_app
 
 
 def test_version() -> None:
@@ -92,6 +95,31 @@ def test_help_shows_flags_bare_and_the_choices_of_an_option(
         assert metavar in rows[option].split(), rows[option]
 
 
+def _commands(group: typer.core.TyperGroup, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = []
+    for name, command in group.commands.items():
+        found.append((*path, name))
+        if isinstance(command, typer.core.TyperGroup):
+            found += _commands(command, (*path, name))
+    return found
+
+
+def test_every_usage_line_brackets_each_argument_once() -> None:
+    """Typer brackets an optional argument itself: a metavar of ``[NAME]`` showed
+    ``[[NAME]]``."""
+    app = typer.main.get_command(uproxy_app)
+    assert isinstance(app, typer.core.TyperGroup)
+    commands = _commands(app)
+    assert ("lab", "down") in commands
+    assert ("toxic", "list") in commands
+    for command in commands:
+        usage = next(
+            line for line in run_uproxy(*command, "--help").stdout.splitlines() if "Usage:" in line
+        )
+        for doubled in ("[[", "]]", "{[", "]}"):
+            assert doubled not in usage, (command, usage)
+
+
 def test_serve_help_shows_the_defaults_that_are_not_values() -> None:
     options = help_rows(wide_help("serve").stdout)
     assert "[default: (127.0.0.1:9091; none with --forward or --control)]" in options["--listen"]
@@ -100,6 +128,8 @@ def test_serve_help_shows_the_defaults_that_are_not_values() -> None:
     assert "[default: (off)]" in options["--idle-timeout"]
     assert "[default: (the user's own)]" in options["--group"]
     assert "[default: 10.0]" in options["--connect-timeout"]
+    # What the default level writes: the access-log line, not every step of a flow.
+    assert "info: one line per flow, at its close;" in options["--log-level"]
 
 
 BAD_SPEC_FILE = "async def not_a_generator(flow, direction, chunks):\n    return chunks\n"

@@ -99,6 +99,19 @@ def test_failures_are_warnings_and_errors_at_every_level_but_error(
     assert caplog.records[-1].exc_info is not None
 
 
+def test_a_flow_refused_for_its_disabled_route_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Not that its destination is the proxy's own listener: that is self_loop's reason.
+    assert logged(caplog, logging.WARNING, (FlowRefused(FLOW, "route_disabled"),)) == [
+        (
+            logging.WARNING,
+            "flow 7 refused (route_disabled): the route to 198.51.100.2:9090 is disabled; "
+            "resetting client",
+        )
+    ]
+
+
 @pytest.mark.parametrize("intercepted", [False, True])
 def test_json_flow_close_is_the_same_object_plus_intercepted(intercepted: bool) -> None:
     closed = FlowClosed(FLOW, "closed", "client", 5, 6, 0.0031, intercepted)

@@ -72,6 +72,38 @@ def test_a_spec_that_names_an_unmarked_callable_is_refused_before_running(
     assert not file.exists()
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        '(b"a", b"b") or __import__("os").system("touch {file}")',
+        '(b"a", b"b") if 1 else 2',
+        '(b"a", b"b"), ("{file}")',
+        '(b"a")(b"x", b"y")',
+        '(b"a", b"b")#)',
+    ],
+)
+def test_the_parentheses_hold_one_call_of_literals_and_end_the_spec(
+    tmp_path: Path, arguments: str
+) -> None:
+    """Whatever follows the factory's name is read as one argument list that ends the SPEC:
+    anything around or after it is refused in one line (no traceback), never dropped."""
+    file = tmp_path / "was-run"
+    spec = "uproxy_trio.interceptors:replace" + arguments.format(file=file)
+    done = subprocess.run(
+        [*uproxy_command(), "serve", "--interceptor", spec],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"uproxy: error: Invalid value for '--interceptor': {spec!r}: the arguments must be "
+        "one (...) of Python literals at the end of the SPEC"
+    ]
+    assert not file.exists()
+
+
 def test_an_unmarked_factory_in_a_user_file_is_not_called(tmp_path: Path) -> None:
     source = tmp_path / "mine.py"
     source.write_text(USER_FILE)

@@ -26,6 +26,10 @@ def parse_address(text: str) -> Address:
         host = host[1:-1]
         if ipaddress_version(host) != 6:
             raise ValueError(f"{text!r}: only an IPv6 address goes in brackets")
+    elif text.startswith("["):
+        # Bracketed, but not as [V6HOST]:PORT (no port, or no closing bracket): the
+        # suggestion below would bracket the brackets.
+        raise ValueError(f"{text!r} is not [IPV6]:PORT, as [::1]:9091")
     elif ":" in host:
         raise ValueError(f"{text!r}: write an IPv6 address in brackets, as [{host}]:{port_text}")
     if ipaddress_version(host) is None:

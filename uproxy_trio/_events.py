@@ -183,10 +183,14 @@ def log_event(event: FlowEvent) -> None:
     elif isinstance(event, FlowRefused):
         LOGGER.log(
             level,
-            "flow %d refused (%s): %s is this proxy's own listener; resetting client",
+            "flow %d refused (%s): %s; resetting client",
             flow.id,
             event.reason,
-            format_address(flow.server),
+            (
+                f"the route to {format_address(flow.server)} is disabled"
+                if event.reason == "route_disabled"
+                else f"{format_address(flow.server)} is this proxy's own listener"
+            ),
             extra=extra,
         )
     elif isinstance(event, HalfClosed):
