@@ -89,13 +89,7 @@ def test_the_parentheses_hold_one_call_of_literals_and_end_the_spec(
     anything around or after it is refused in one line (no traceback), never dropped."""
     file = tmp_path / "was-run"
     spec = "uproxy_trio.interceptors:replace" + arguments.format(file=file)
-    done = subprocess.run(
-        [*uproxy_command(), "serve", "--interceptor", spec],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_uproxy("serve", "--interceptor", spec, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
         f"uproxy: error: Invalid value for '--interceptor': {spec!r}: the arguments must be "
