@@ -28,9 +28,13 @@ from uproxy_trio import FlowEvent, format_address
 
 PROXY_LISTEN = [("127.0.0.1", PROXY_PORT), ("::1", PROXY_PORT)]
 
-# The proxy looks for flows out of time four times per timeout, so a timeout fires between
-# its period and 1.25 times it (README: --connect-timeout, --idle-timeout).
+# The proxy looks for idle flows four times per idle timeout, so an idle timeout fires
+# between its period and 1.25 times it (README: --idle-timeout).
 TIMEOUT_LATENESS = 1.25
+# A connect timeout is the deadline of the flow's cancel scope (README: --connect-timeout): it
+# fires on time. Long enough that a deadline a quarter late (as the idle sweep's would be) is
+# later than the allowance below.
+CONNECT_TIMEOUT_S = 1.0
 # What a test measures on top of that: the RST crossing the lab and the test's task being
 # scheduled to see it, on a shared two-CPU machine where other suites run too.
 SCHEDULING_ALLOWANCE_S = 0.15
@@ -183,6 +187,12 @@ async def recv_exactly(sock: trio.socket.SocketType, size: int) -> bytes:
         assert data, f"EOF after {len(received)} of {size} bytes"
         received += data
     return bytes(received)
+
+
+async def roundtrip(sock: trio.socket.SocketType, data: bytes = b"ping") -> None:
+    """Send ``data`` and read it back from an echo server."""
+    await send_all(sock, data)
+    assert await recv_exactly(sock, len(data)) == data
 
 
 def reset_close(sock: trio.socket.SocketType) -> None:

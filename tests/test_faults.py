@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from cli_tools import PROXY_PORT
 from lab_tools import (
     EventLog,
     connect,
@@ -20,6 +21,7 @@ from lab_tools import (
     listen,
     recv_exactly,
     recv_until_eof,
+    roundtrip,
     run_library_proxy,
     send_all,
 )
@@ -31,13 +33,6 @@ from uproxy_netns import SERVER_V4, Lab
 from uproxy_trio import Flow, FlowClosed, TransparencyUnavailable
 from uproxy_trio._direction import Way
 from uproxy_trio._transparent import open_outgoing
-
-PROXY_PORT = 9091
-
-
-async def roundtrip(sock: trio.socket.SocketType, data: bytes = b"ping") -> None:
-    await send_all(sock, data)
-    assert await recv_exactly(sock, len(data)) == data
 
 
 @pytest.fixture

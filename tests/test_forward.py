@@ -61,14 +61,17 @@ async def test_a_forward_relays_to_its_upstream_and_names_its_flows() -> None:
     events = EventLog()
     with trio.fail_after(10):
         async with upstream_and_proxy(events, "db") as (proxy, bound, upstream):
+            started = trio.current_time()
             stream = await trio.open_tcp_stream(*bound["db"])
             assert await echo(stream, b"hello") == b"hello"
             (info,) = proxy.flows()
+            asked = trio.current_time()
             assert info.route == "db"
             assert info.flow.server == upstream
             assert info.flow.transport == "tcp"
             assert (info.bytes_client_to_server, info.bytes_server_to_client) == (5, 5)
-            assert info.age_s >= 0
+            # The flow began within the test's span: after it started to connect, before it asked.
+            assert 0 < info.age_s <= asked - started
             await stream.aclose()
             (closed,) = await events.wait_for(FlowClosed)
     assert closed.route == "db"

@@ -192,6 +192,17 @@ def test_chains_are_an_onion_with_the_first_closest_to_the_client(names: list[by
     assert to_client == b"x" + b"".join(names) + b"".join(reversed(names))
 
 
+def test_an_empty_chunk_an_interceptor_yields_is_not_delivered() -> None:
+    async def now_and_then(
+        flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield b""  # "nothing now", which the relay does not pass on as a write
+            yield chunk
+
+    assert run([now_and_then], C2S, [b"a", b"b"]) == [b"a", b"b"]
+
+
 def test_directions_marker_skips_the_other_way() -> None:
     only_up = directions("client_to_server")(tag(b"[up]"))
     assert run([only_up], C2S, [b"x"]) == [b"x[up]"]

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
+import trio.testing
 from relay_tools import loopback_flows, pattern, relayed, write_all
 
 from uproxy_trio import Direction, Flow, Interceptor, ResetFlow, for_flows, in_own_task
@@ -40,14 +41,21 @@ async def tag(
         yield chunk.upper()
 
 
-async def hold_everything(
-    flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
-) -> AsyncIterator[bytes]:
-    """Holds what it reads until its chunks end: taken away, it must flush."""
-    held = b""
-    async for chunk in chunks:
-        held += chunk
-    yield held
+class HoldEverything:
+    """Holds what it reads until its chunks end: taken away, it must flush. ``holding`` is
+    set once it holds a byte."""
+
+    def __init__(self) -> None:
+        self.holding = trio.Event()
+
+    async def __call__(
+        self, flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        held = b""
+        async for chunk in chunks:
+            held += chunk
+            self.holding.set()
+        yield held
 
 
 async def recv_some(sock: socket.socket, size: int) -> bytes:
@@ -146,12 +154,13 @@ async def test_a_live_interceptor_reaches_an_open_flow_and_leaves_it() -> None:
 
 
 async def test_a_live_interceptor_taken_away_flushes_what_it_holds_in_order() -> None:
+    hold_everything = HoldEverything()
     live: dict[str | None, tuple[Interceptor, ...]] = {None: (hold_everything,)}
     with loopback_flows(1) as (flow,), trio.fail_after(10):
         async with relayed(flow, live_chains=live):
             flow.changed()
             await write_all(flow.client, b"held ")
-            await trio.sleep(0.05)
+            await hold_everything.holding.wait()
             live.clear()
             flow.changed()
             await write_all(flow.client, b"then live")
@@ -282,7 +291,7 @@ async def test_live_interceptors_join_a_routes_own_on_a_flow_waiting_for_bytes()
         async with relayed(flow, chains=own, live_chains=live):
             await write_all(flow.client, b"a")
             assert await recv_some(flow.server, 2) == b"a!"
-            await trio.sleep(0.05)  # waiting for bytes, on the route's path
+            await trio.testing.wait_all_tasks_blocked()  # waiting for bytes, on the route's path
             live[None] = (tag,)
             flow.changed()
             await write_all(flow.client, b"b")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 import trio
-from cli_tools import uproxy_command
+from cli_tools import run_uproxy
 from lab_tools import (
     CliProxy,
     connect,
@@ -298,13 +297,10 @@ def test_metrics_on_an_address_in_use_fail_in_one_line_that_names_it(
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         taken.bind(("127.0.0.1", METRICS_PORT))
         taken.listen()
-        argv = [*uproxy_command(), "serve", "--metrics", f"127.0.0.1:{METRICS_PORT}"]
-        done = subprocess.run(
-            lab.proxy.exec_argv([*argv, "--workers", workers]),
-            capture_output=True,
-            text=True,
+        done = run_uproxy(
+            *("serve", "--metrics", f"127.0.0.1:{METRICS_PORT}", "--workers", workers),
+            namespace=lab.proxy,
             timeout=60,
-            check=False,
         )
     assert done.returncode == 1
     assert done.stderr.splitlines() == [

@@ -19,7 +19,16 @@ from relay_tools import LongestStep, read_to_eof, tcp_pair, write_all
 
 from uproxy_trio import Direction
 from uproxy_trio._direction import SharedBuffers, Way
-from uproxy_trio._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, Turn, bit
+from uproxy_trio._readiness import (
+    PEER_CLOSED,
+    READABLE,
+    WRITABLE,
+    Reactor,
+    Readiness,
+    Side,
+    Turn,
+    bit,
+)
 
 CLIENT_READABLE = bit(Side.CLIENT, READABLE)
 
@@ -61,7 +70,8 @@ async def test_a_second_waiter_on_the_same_bits_is_refused() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(readiness.wait, CLIENT_READABLE | bit(Side.SERVER, WRITABLE))
         await trio.testing.wait_all_tasks_blocked()
-        with pytest.raises(trio.BusyResourceError), trio.fail_after(5):
+        # Refused at once: a second waiter let in would park here for good.
+        with trio.fail_after(5), pytest.raises(trio.BusyResourceError):
             await readiness.wait(CLIENT_READABLE)
         # Other bits of the same flow are another task's to wait on.
         with trio.move_on_after(0.01):
@@ -88,7 +98,8 @@ async def test_a_cancelled_pump_is_detached_at_once_and_moves_nothing_more() -> 
                     nursery.cancel_scope.cancel()
                 await write_all(client, b"after")
                 client.shutdown(socket.SHUT_WR)
-                await trio.sleep(0.05)  # edges for "after" and the FIN reach the reactor
+                # The reactor has had the edges for "after" and the FIN (the FIN's came last).
+                await readiness.wait(bit(Side.CLIENT, PEER_CLOSED))
                 assert (way.read, way.written, way.end) == (6, 6, None)
                 server_inner.close()
                 assert await read_to_eof(server) == b"before"

@@ -29,6 +29,7 @@ from lab_tools import (
     raise_own_fd_limit,
     recv_exactly,
     recv_until_eof,
+    roundtrip,
     run_library_proxy,
     send_all,
     silent_server_port,
@@ -47,11 +48,6 @@ from uproxy_trio._splice import POOL_KEEP
 from uproxy_trio._transparent import IP_TRANSPARENT
 
 pytestmark = pytest.mark.lab
-
-
-async def roundtrip(sock: trio.socket.SocketType, data: bytes = b"ping") -> None:
-    await send_all(sock, data)
-    assert await recv_exactly(sock, len(data)) == data
 
 
 # --- lifecycle -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import trio
 from lab_tools import (
+    CONNECT_TIMEOUT_S,
     PROXY_LISTEN,
     SCHEDULING_ALLOWANCE_S,
     TIMEOUT_LATENESS,
@@ -151,7 +152,7 @@ async def test_a_route_may_outlast_the_proxys_idle_timeout(inside_proxy: Lab) ->
 
 async def test_a_routes_connect_timeout_applies_to_its_flows_only(inside_proxy: Lab) -> None:
     lab, events = inside_proxy, EventLog()
-    routes = Routes([Route("impatient", port=9093, connect_timeout=IDLE_S)])
+    routes = Routes([Route("impatient", port=9093, connect_timeout=CONNECT_TIMEOUT_S)])
     with silent_server_port(lab, 9093), silent_server_port(lab, 9095):
         async with trio.open_nursery() as nursery:
             await start_proxy(nursery, events, routes=routes, connect_timeout=30)
@@ -159,7 +160,7 @@ async def test_a_routes_connect_timeout_applies_to_its_flows_only(inside_proxy: 
                 started = trio.current_time()
                 await connect_expecting_reset(lab.client, SERVER_V4, 9093)
                 waited = trio.current_time() - started
-                assert IDLE_S <= waited <= IDLE_S * TIMEOUT_LATENESS + SCHEDULING_ALLOWANCE_S
+                assert CONNECT_TIMEOUT_S <= waited <= CONNECT_TIMEOUT_S + SCHEDULING_ALLOWANCE_S
                 # An unrouted flow to a silent server still waits, on the proxy's 30 s.
                 with await connect(lab.client, SERVER_V4, 9095) as waiting:
                     with trio.move_on_after(1) as still:

@@ -8,12 +8,11 @@ loader itself on files written here.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from cli_tools import uproxy_command
+from cli_tools import run_uproxy
 
 from uproxy_cli._spec import SpecError, load_interceptor
 from uproxy_trio import Direction, Flow
@@ -64,13 +63,7 @@ def test_a_spec_that_names_an_unmarked_callable_is_refused_before_running(
     tmp_path: Path, spec: str
 ) -> None:
     file = tmp_path / "was-run"
-    done = subprocess.run(
-        [*uproxy_command(), "serve", "--interceptor", spec.format(file=file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_uproxy("serve", "--interceptor", spec.format(file=file), timeout=60)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -96,13 +89,7 @@ def test_the_parentheses_hold_one_call_of_literals_and_end_the_spec(
     anything around or after it is refused in one line (no traceback), never dropped."""
     file = tmp_path / "was-run"
     spec = "uproxy_trio.interceptors:replace" + arguments.format(file=file)
-    done = subprocess.run(
-        [*uproxy_command(), "serve", "--interceptor", spec],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_uproxy("serve", "--interceptor", spec, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
         f"uproxy: error: Invalid value for '--interceptor': {spec!r}: the arguments must be "

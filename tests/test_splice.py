@@ -106,6 +106,7 @@ async def test_a_reset_in_the_middle_of_a_splice_is_passed_on(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_all, server, bytes(64 << 20))
                 await recv_exactly(client, 4 << 20)  # well into the bulk, so spliced
+                assert cli_proxy.open_pipes() > 0, "the bulk was not spliced"
                 nursery.cancel_scope.cancel()
             reset_close(server)
             # A RST fails the client's recv; a FIN would read to a clean EOF.

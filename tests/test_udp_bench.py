@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
-from cli_tools import uproxy_argv
+from cli_tools import run_uproxy
 from test_bench import BENCH_TIMEOUT_S, assert_left_nothing
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("lab")]
@@ -14,12 +13,8 @@ pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("lab")]
 
 def test_udp_bench_measures_bulk_packets_round_trips_and_idle_sessions() -> None:
     bench = ["bench", "--udp", "--relay", "kernel", "--relay", "uproxy"]
-    done = subprocess.run(
-        uproxy_argv(*bench, "--duration", "1", "--idle-flows", "300", "--json"),
-        capture_output=True,
-        text=True,
-        timeout=BENCH_TIMEOUT_S,
-        check=False,
+    done = run_uproxy(
+        *bench, "--duration", "1", "--idle-flows", "300", "--json", timeout=BENCH_TIMEOUT_S
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
@@ -35,13 +30,7 @@ def test_udp_bench_measures_bulk_packets_round_trips_and_idle_sessions() -> None
 
 
 def test_udp_bench_refuses_a_relay_without_udp() -> None:
-    done = subprocess.run(
-        uproxy_argv("bench", "--udp", "--relay", "haproxy"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = run_uproxy("bench", "--udp", "--relay", "haproxy", timeout=30)
     assert done.returncode == 2
     assert "haproxy: no UDP" in done.stderr
     assert "Traceback" not in done.stderr

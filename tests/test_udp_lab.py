@@ -64,12 +64,16 @@ async def _client(
     count: int,
     go: trio.Event,
     crossed: list[str],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Send ``count`` numbered datagrams, one at a time, each checked on its way back;
-    a lost one is sent again. The first goes out with every other client's, at ``go``."""
+    a lost one is sent again. Started once its socket is made; the first datagram goes out
+    with every other client's, at ``go``."""
     with udp_socket(lab.client, client_ip) as sock:
         port = sock.getsockname()[1]
         mine = b"%d %d " % (index, port)
+        task_status.started()
         await go.wait()
         for seq in range(count):
             payload = mine + b"%d" % seq
@@ -114,11 +118,10 @@ async def test_a_thousand_concurrent_sessions_never_cross(
             go = trio.Event()
             async with trio.open_nursery() as clients:
                 for index in range(sessions):
-                    clients.start_soon(
+                    await clients.start(
                         _client, lab, client_ip, server_address, index, per_session, go, crossed
                     )
-                await trio.sleep(0.2)  # every client's socket made
-                go.set()
+                go.set()  # every client's socket is made
             nursery.cancel_scope.cancel()
     assert crossed == []
     log = cli_proxy.log
