@@ -16,6 +16,7 @@ from lab_tools import (
     EventLog,
     connect,
     echo_server,
+    eventually,
     listen,
     raise_own_fd_limit,
     recv_exactly,
@@ -24,7 +25,8 @@ from lab_tools import (
 )
 from relay_tools import LongestStep
 
-from uproxy_netns import SERVER_V4, SERVER_V6, Lab
+from uproxy_netns import SERVER_V4, SERVER_V6, Lab, Namespace
+from uproxy_netns._packages import find_command
 
 BULK_LOAD = Path(__file__).with_name("bulk_load.py")
 
@@ -51,6 +53,61 @@ async def bulk_flows(lab: Lab, flows: int, seconds: float) -> AsyncIterator[None
             process.kill()
 
 
+# iperf3 caps a client at 128 streams: the 200 come from two clients, each to a server of
+# its own, on ports the lab's rules send to the proxy.
+IPERF_PORTS = (9092, 9093)
+
+
+@asynccontextmanager
+async def iperf3_streams(lab: Lab, streams: int, seconds: int) -> AsyncIterator[None]:
+    """``streams`` bulk TCP streams over IPv4 through the proxy, as the issue measured them
+    (iperf3, the load a user would bring), all established once the block starts.
+
+    C senders keep the proxy's reactor busy as no Python load generator on this host can:
+    with the reactor's round budget gone, a new flow waits seconds behind them.
+    """
+    iperf3 = find_command("iperf3")
+    assert iperf3 is not None, "iperf3 is installed by the test command (netns/bootstrap)"
+    per_client = streams // len(IPERF_PORTS)
+    async with trio.open_nursery() as nursery:
+        for port in IPERF_PORTS:
+            server = [iperf3, "--server", "--bind", SERVER_V4, "--port", str(port), "--one-off"]
+            nursery.start_soon(
+                functools.partial(trio.run_process, lab.server.exec_argv(server), check=False)
+            )
+        for port in IPERF_PORTS:
+            await eventually(functools.partial(_listening, lab.server, port))
+        for port in IPERF_PORTS:
+            client = [
+                *(iperf3, "--client", SERVER_V4, "--port", str(port)),
+                *("--parallel", str(per_client), "--time", str(seconds)),
+            ]
+            nursery.start_soon(
+                functools.partial(
+                    trio.run_process,
+                    lab.client.exec_argv(client),
+                    stdout=subprocess.DEVNULL,
+                    check=False,
+                )
+            )
+        # Established in the server's namespace: each has been relayed by the proxy (plus
+        # iperf3's control connection per client).
+        await eventually(lambda: _established(lab.server) >= streams + len(IPERF_PORTS), timeout=30)
+        try:
+            yield
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def _listening(namespace: Namespace, port: int) -> bool:
+    return bool(namespace.run(["ss", "-Hltn", f"sport = :{port}"]).strip())
+
+
+def _established(namespace: Namespace) -> int:
+    ports = " or ".join(f"sport = :{port}" for port in IPERF_PORTS)
+    return len(namespace.run(["ss", "-Htn", "state", "established", f"( {ports} )"]).splitlines())
+
+
 async def test_a_new_flow_is_served_quickly_beside_200_bulk_flows(
     lab: Lab, cli_proxy: CliProxy
 ) -> None:
@@ -58,7 +115,7 @@ async def test_a_new_flow_is_served_quickly_beside_200_bulk_flows(
     async with trio.open_nursery() as nursery:
         listener = await listen(lab.server, SERVER_V6, 9090)
         await nursery.start(echo_server, listener)
-        async with bulk_flows(lab, flows=200, seconds=30):
+        async with iperf3_streams(lab, streams=200, seconds=60):
             times = []
             for _ in range(40):
                 started = trio.current_time()
@@ -73,6 +130,7 @@ async def test_a_new_flow_is_served_quickly_beside_200_bulk_flows(
     times.sort()
     p90 = times[int(len(times) * 0.9)]
     print(f"connect to first echoed byte beside 200 bulk flows: p90 {p90 * 1000:.1f} ms")
+    # The issue's bound; without the budget the p90 is seconds (HAProxy's was 11-26 ms).
     assert p90 < 0.1
 
 
@@ -90,5 +148,5 @@ async def test_the_event_loop_never_stalls_beside_1000_bulk_flows(inside_proxy: 
         f"longest task steps beside 1000 bulk flows: {longest:.1f} ms, third {third * 1000:.1f} ms"
     )
     # Without the reactor's round budget dozens of steps take 50-150 ms; with it every step
-    # is about one 4 ms round, bar an odd one the host stretched.
+    # is about one 1 ms round, bar an odd one the host stretched.
     assert third < 0.02

@@ -156,7 +156,7 @@ async def test_a_reactor_round_is_bounded_and_a_fresh_edge_goes_first() -> None:
                     assert sum(pump.turns for pump in busy) - before < busy_count
                     assert all(pump.left for pump in busy), "the busy pumps were still busy"
                     nursery.cancel_scope.cancel()
-    # A round stops once ROUND_S (4 ms) has passed, a turn over: well under 20 ms.
+    # A round stops once ROUND_S (1 ms) has passed, a turn over: well under 20 ms.
     assert steps.longest < 0.02
 
 
