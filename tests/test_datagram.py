@@ -14,7 +14,7 @@ import pytest
 
 from uproxy_trio import Direction, Flow
 from uproxy_trio._datagram import parse_sockaddr
-from uproxy_trio._readiness import READABLE, WRITABLE, Readiness, Side, Turn, bit
+from uproxy_trio._readiness import READABLE, WRITABLE, Reactor, Readiness, Side, Turn, bit
 from uproxy_trio._udp import _close_reason
 from uproxy_trio._udp_way import RUN_BUFFER, DatagramEnd, DatagramWay, _datagrams_of
 
@@ -100,7 +100,7 @@ class _SinkThatWillNotSegment(socket.socket):
         return len(data)
 
 
-def test_a_run_the_kernel_refuses_goes_one_by_one_in_order_even_when_the_sink_fills() -> None:
+async def test_a_run_the_kernel_refuses_goes_one_by_one_in_order_even_when_the_sink_fills() -> None:
     """The run of five is refused as a run; its datagrams go one by one until the sink is
     full; the rest of the run, then the datagram that ended the run, then the ones after,
     go when there is room again, in the order they came."""
@@ -134,7 +134,8 @@ def test_a_run_the_kernel_refuses_goes_one_by_one_in_order_even_when_the_sink_fi
         assert way.turn() is Turn.STUCK
         assert sink.sent == datagrams[:2]
         sink.room = 100
-        readiness.notify(_READY)
+        with Reactor() as reactor:
+            reactor.kick(readiness, _READY)  # as the sink's edge would: it has room again
         while way.turn() is not Turn.STUCK:
             pass
         assert sink.sent == datagrams

@@ -105,6 +105,48 @@ async def test_a_cancelled_pump_is_detached_at_once_and_moves_nothing_more() -> 
                 assert await read_to_eof(server) == b"before"
 
 
+class RecordingPump:
+    """Notes which task turned it; waits for its source's next edge after each turn."""
+
+    mask = CLIENT_READABLE
+
+    def __init__(self, readiness: Readiness) -> None:
+        self.readiness = readiness
+        self.turned_in: list[trio.lowlevel.Task] = []
+
+    def turn(self) -> Turn:
+        self.turned_in.append(trio.lowlevel.current_task())
+        self.readiness.clear(CLIENT_READABLE)
+        return Turn.STUCK
+
+    def detached(self) -> None:
+        pass
+
+
+async def test_a_kick_runs_the_pump_in_the_reactors_next_round_waking_it() -> None:
+    """News from elsewhere than the flow's sockets (a datagram the UDP listener hands over)
+    is an edge like any other: the pump runs in the reactor's task, never the caller's,
+    and a reactor asleep on its epoll wakes for it."""
+    readiness = Readiness()
+    pump = RecordingPump(readiness)
+    async with reactor_running() as reactor, trio.open_nursery() as nursery:
+        nursery.start_soon(readiness.pump, pump)
+        await trio.testing.wait_all_tasks_blocked()  # parked, and the reactor asleep
+        [pump_task] = pump.turned_in  # its first turn is its own task's
+        for _ in range(3):
+            turns = len(pump.turned_in)
+            reactor.kick(readiness, CLIENT_READABLE)
+            assert len(pump.turned_in) == turns, "not in the caller's task"
+            with trio.fail_after(5):  # a reactor left asleep would never turn it
+                while len(pump.turned_in) == turns:
+                    await trio.sleep(0.001)
+            turned_in = pump.turned_in[-1]
+            assert turned_in not in (pump_task, trio.lowlevel.current_task())
+            assert turned_in.name.endswith("Reactor.run"), turned_in.name
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
 class BusyPump:
     """Always has more to move, and takes ``turn_s`` of CPU per turn."""
 

@@ -4,9 +4,11 @@ concurrent sessions with no datagram crossing, expiry, limits, ICMP errors, larg
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 from lab_tools import ADDRESSES, CliProxy, descriptors, raise_own_fd_limit
 from udp_tools import (
     CLOSED_UDP_PORT,
@@ -19,7 +21,7 @@ from udp_tools import (
 )
 
 from uproxy_netns import Lab
-from uproxy_trio import FlowClosed, FlowOpened, _udp
+from uproxy_trio import Direction, Flow, FlowClosed, FlowOpened, _udp
 from uproxy_trio._datagram import open_session_socket
 from uproxy_trio._transparent import transparent_datagram_socket
 from uproxy_trio._udp_way import Drop
@@ -252,3 +254,34 @@ async def test_a_datagram_handed_to_a_half_made_session_goes_to_its_own(
                 }
             assert proxy.udp.handed_back == 1
             assert len(events.of_type(FlowOpened)) == 2
+
+
+@pytest.mark.parametrize("intercepted", [False, True], ids=["plain", "intercepted"])
+async def test_a_datagram_the_listener_hands_to_a_waiting_session_goes_out_at_once(
+    inside_proxy: Lab, intercepted: bool
+) -> None:
+    """A session's datagram can reach the listener's path after the session is made (queued
+    for the listener before the session's connect, or handed back by another session): it
+    is relayed at once, not when the session's own socket next has a datagram. The session
+    here has relayed one datagram and waits for its next edge, which never comes."""
+    lab, server_address = inside_proxy, ("198.51.100.2", UDP_PORT)
+
+    async def identity(
+        flow: Flow, direction: Direction, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+
+    options = {"interceptors": [identity]} if intercepted else {}
+    with udp_socket(lab.server, server_address[0], UDP_PORT) as server:
+        async with udp_proxy(options) as (proxy, _events):
+            with udp_socket(lab.client, "192.0.2.2") as client:
+                await client.sendto(b"first", server_address)
+                with trio.fail_after(5):
+                    assert (await server.recvfrom(100))[0] == b"first"
+                await trio.testing.wait_all_tasks_blocked()
+                proxy.udp.deliver(b"late", client.getsockname()[:2], server_address)
+                with trio.fail_after(5):
+                    data, peer = await server.recvfrom(100)
+                assert (data, peer[:2]) == (b"late", client.getsockname()[:2])
+                assert proxy.udp.sessions_total == 1

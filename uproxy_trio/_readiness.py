@@ -19,6 +19,12 @@ reads or writes clears a bit when the socket says it would block (``Readiness.cl
 waits only on cleared bits. Any data arriving after that is a new edge, so nothing is missed;
 a stale bit costs at most one read that finds nothing.
 
+Only the reactor sets a socket's bits and runs pumps: from its epoll, or from
+``Reactor.kick``, for news about a flow that came another way (a datagram the UDP listener
+hands to its session), which wakes a sleeping reactor and is handled in its next round like
+any edge. ``Readiness.poke`` sets the other bits, ones no socket has, to wake a task that
+waits on something else as well (a direction's live interceptors changing).
+
 The reactor is fair: one round runs pumps for at most ``ROUND_S`` and a pump moves at most a
 turn's worth of bytes (the pump's own bound) before the next one goes; what is left over is
 carried to the next round, after Trio has run every other task and polled its own I/O. Pumps
@@ -29,6 +35,7 @@ queued behind every bulk flow.
 from __future__ import annotations
 
 import enum
+import os
 import select
 import socket
 import time
@@ -291,6 +298,12 @@ class Reactor:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._watched: dict[int, tuple[Readiness, Side]] = {}
+        # ``kick``'s news for the next round, and the eventfd that wakes ``run`` for it when
+        # it sleeps on the epoll.
+        self._kicked: list[Readiness] = []
+        self._asleep = False
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wakeup, _IN)
 
     def __enter__(self) -> Self:
         return self
@@ -303,6 +316,7 @@ class Reactor:
     ) -> None:
         trio.lowlevel.notify_closing(self._epoll.fileno())
         self._epoll.close()
+        os.close(self._wakeup)
 
     def watch(self, sock: socket.socket, readiness: Readiness, side: Side) -> Watching:
         """Report ``sock``'s edges to ``readiness`` as ``side`` until the returned context ends.
@@ -315,22 +329,39 @@ class Reactor:
         self._watched[fd] = (readiness, side)
         return Watching(self._watched, fd, readiness)
 
+    def kick(self, readiness: Readiness, bits: int) -> None:
+        """Report ``bits`` of ``readiness`` as an edge from the kernel would be: news that
+        reached the proxy another way than through the flow's own sockets (a datagram the UDP
+        listener hands to its session). Waiting tasks wake now; pumps run in the reactor's
+        next round, in the reactor's task, as for any edge."""
+        if readiness.notify(bits):
+            kicked = self._kicked
+            kicked.append(readiness)
+            if self._asleep and len(kicked) == 1:
+                os.eventfd_write(self._wakeup, 1)
+
     async def run(self) -> None:
         """Turn edges into ``Readiness`` bits and run the pumps they call for, until
         cancelled."""
-        epoll, watched = self._epoll, self._watched
+        epoll, watched, kicked, wakeup = self._epoll, self._watched, self._kicked, self._wakeup
         fileno = epoll.fileno()
         carried: deque[Readiness] = deque()
         clock = time.perf_counter
         while True:
-            if carried:
+            if carried or kicked:
                 await trio.lowlevel.checkpoint()  # pumps with more to do: after the others
             else:
-                await trio.lowlevel.wait_readable(fileno)
+                self._asleep = True
+                try:
+                    await trio.lowlevel.wait_readable(fileno)
+                finally:
+                    self._asleep = False
             fresh: list[Readiness] = []
             for fd, events in epoll.poll(0, MAX_EVENTS):
                 entry = watched.get(fd)
                 if entry is None:
+                    if fd == wakeup:
+                        os.eventfd_read(wakeup)
                     continue
                 readiness, side = entry
                 bits = 0
@@ -342,6 +373,9 @@ class Reactor:
                     bits |= PEER_CLOSED
                 if readiness.notify(bits << side):
                     fresh.append(readiness)
+            if kicked:
+                fresh += kicked
+                kicked.clear()
             # Fresh edges first, then the carried-over pumps, until the round's time is up.
             carried.extendleft(reversed(fresh))
             deadline = clock() + ROUND_S

@@ -276,7 +276,11 @@ class UdpSessions:
             session = self._open(client, server)
             if session is None:
                 return
-        session.ways[0].take(data)
+        way = session.ways[0]
+        if way.take(data):
+            reactor = self._reactor
+            assert reactor is not None
+            reactor.kick(way.readiness, way.readable)
 
     def _open(self, client: Address, server: Address) -> _Session | None:
         """A new session's sockets, table entry and task; ``None`` (and the datagram

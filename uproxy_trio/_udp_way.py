@@ -197,9 +197,11 @@ class DatagramWay:
 
     # -- datagrams that reached the listener instead -----------------------------------------
 
-    def take(self, data: bytes) -> None:
+    def take(self, data: bytes) -> bool:
         """A datagram of this direction that reached the listener (the session's first, or
-        one that was in flight while the session was set up): relayed as if read here."""
+        one that was in flight while the session was set up): relayed as if read here, once
+        whoever moves this direction looks again (``Reactor.kick`` with ``readable``); false
+        if it was dropped instead."""
         self.datagrams += 1
         self.read += len(data)
         inbox = self.inbox
@@ -207,9 +209,9 @@ class DatagramWay:
             inbox = self.inbox = deque()
         elif len(inbox) >= INBOX_DATAGRAMS:
             self._drop(Drop.QUEUE_FULL)
-            return
+            return False
         inbox.append(data)
-        self._look_again()
+        return True
 
     def _next_in_inbox(self) -> bytes:
         inbox = self.inbox
@@ -218,19 +220,6 @@ class DatagramWay:
         if not inbox:
             self.inbox = None
         return datagram
-
-    def _look_again(self) -> None:
-        """Make whoever moves this direction look at it now, as an edge on its source would:
-        the interceptors' reader is woken, the pump is given a turn here.
-
-        If that turn leaves more to move, the pump keeps its place and gets its next turn
-        with the session's next edge: the reactor's queue of carried-over pumps is its own.
-        """
-        readiness = self.readiness
-        readiness.clear(self.readable)
-        if readiness.notify(self.readable):
-            readiness.run_pumps()
-            readiness.queued = False
 
     # -- the plain path: a pump for the reactor ----------------------------------------------
 
