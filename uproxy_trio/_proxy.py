@@ -294,111 +294,6 @@ class Proxy:
             gso=udp_gso,
         )
 
-    def set_routes(self, routes: Routes | None) -> None:
-        """Take new flows by ``routes`` from now on (``None``: no routes).
-
-        The flows in flight keep the route they started with, its chains and its timeouts:
-        the table is swapped whole, and a flow holds its plan, not the table.
-        """
-        default = self._default
-        if routes is None:
-            self._routes = None
-            idle_timeouts = [default.idle_timeout]
-        else:
-            plans = tuple(_plan_for(route, default) for route in routes)
-            self._routes = (routes, plans)
-            idle_timeouts = [default.idle_timeout, *(plan.idle_timeout for plan in plans)]
-        self._shortest_idle = min((t for t in idle_timeouts if t is not None), default=math.inf)
-        # The sweep looks at once, and from then on as often as the shortest timeout needs.
-        self._idle_timeouts_changed.set()
-        self._idle_timeouts_changed = trio.Event()
-
-    def set_live_interceptors(self, route: str | None, interceptors: Sequence[Interceptor]) -> None:
-        """Run ``interceptors`` on the flows of ``route`` (a route's name; ``None``: the flows
-        no route takes) from now on, the flows in flight included, after the route's own.
-
-        A flow in flight takes the change at its next chunk boundary: a spliced direction
-        moves onto the interceptor path, and back once none is left, without losing or
-        reordering a byte. An interceptor already running on a flow goes on as it was
-        (its state and timers kept); one taken away sees the end of its chunks and may
-        flush what it holds. ``for_flows`` interceptors are asked once per flow. A UDP
-        session takes the change at its next datagram.
-        """
-        interceptors = tuple(interceptors)
-        if interceptors:
-            self._live_chains[route] = interceptors
-        elif self._live_chains.pop(route, None) is None:
-            return
-        for live in self._live.values():
-            if live.plan.route == route and live.ways is not None:
-                for way in live.ways:
-                    changed(way)
-        self.udp.changed(route)  # UDP sessions in flight too, at their next datagram
-
-    def live_interceptors(self, route: str | None) -> tuple[Interceptor, ...]:
-        """The interceptors set on ``route`` with ``set_live_interceptors``."""
-        return self._live_chains.get(route, ())
-
-    def set_enabled(self, route: str, enabled: bool) -> None:
-        """Disable ``route`` (Toxiproxy's ``enabled=false``: its flows in flight are reset, new
-        ones refused with a reset), or enable it again."""
-        if enabled:
-            self._disabled.discard(route)
-            return
-        self._disabled.add(route)
-        for live in list(self._live.values()):
-            if live.plan.route == route:
-                live.stop(Stop.ROUTE_DISABLED)
-        self.udp.stop_route(route)
-
-    def flows(self) -> list[FlowInfo]:
-        """The flows in flight now, oldest first."""
-        now, chains = trio.current_time(), self._live_chains
-        tcp = [live.info(now, chains.get(live.plan.route, ())) for live in self._live.values()]
-        return sorted([*tcp, *self.udp.infos(now)], key=lambda info: -info.age_s)
-
-    def reset_flow(self, flow_id: int) -> bool:
-        """Reset one flow in flight, both sides; false if there is no such flow."""
-        live = self._live.get(flow_id)
-        if live is None:
-            return self.udp.stop(flow_id, Stop.RESET_REQUESTED.value)
-        live.stop(Stop.RESET_REQUESTED)
-        return True
-
-    @property
-    def routes(self) -> Routes | None:
-        """The routes new flows are taken by (``None``: no routes)."""
-        return None if self._routes is None else self._routes[0]
-
-    def _plan(self, flow: Flow) -> _Plan:
-        """What ``flow`` does: its route's plan, or the proxy's own when no route takes it."""
-        table = self._routes
-        if table is None:
-            return self._default
-        routes, plans = table
-        position = routes.position(flow.transport, flow.client, flow.server)
-        return self._default if position is None else plans[position]
-
-    @property
-    def active_flows(self) -> int:
-        return self._active
-
-    def bytes_moved(self) -> dict[Direction, int]:
-        """Bytes delivered so far each way, by every flow, the ones in flight included.
-
-        Computed when asked (for a metrics scrape, say), so the data path pays nothing.
-        """
-        totals = dict(self._closed_bytes)
-        for live in self._live.values():
-            for way in live.ways or ():
-                totals[way.direction] += way.written
-        return totals
-
-    @property
-    def addresses(self) -> list[Address]:
-        """The bound listener addresses (empty until ``serve`` has started)."""
-        return list(self._listening)
-
     async def serve(
         self,
         listen: Sequence[Address],
@@ -464,76 +359,6 @@ class Proxy:
         finally:
             if self._pipes is not None:
                 self._pipes.close()
-
-    @property
-    def forwards(self) -> dict[str, tuple[Forward, Address]]:
-        """The forward listeners running now, by name: each with its bound address."""
-        return {name: (run.forward, run.address) for name, run in self._forwards.items()}
-
-    async def add_forward(self, forward: Forward) -> Address:
-        """Start a forward listener while the proxy serves; its bound address.
-
-        ``ValueError`` if its name is taken (by a forward or a route), ``OSError`` if it
-        cannot listen.
-        """
-        serving = self._serving
-        if serving is None:
-            raise RuntimeError("the proxy is not serving")
-        routes = self.routes
-        if forward.name in self._forwards or (
-            routes is not None and any(route.name == forward.name for route in routes)
-        ):
-            raise ValueError(f"{forward.name!r} is taken")
-        listener = open_forward_listener(forward.listen)
-        address = from_sockaddr(listener.getsockname())
-        plan = _Plan(
-            forward.name,
-            forward.interceptors,
-            self._default.connect_timeout,
-            self._default.idle_timeout,
-        )
-        run = _ForwardRun(forward, address, plan, listener)
-        self._forwards[forward.name] = run
-        LOGGER.info(
-            "forwarding %s to %s", format_address(address), format_address(forward.upstream)
-        )
-        serving.acceptors.start_soon(self._accept_forward, run, serving)
-        await trio.lowlevel.checkpoint()
-        return address
-
-    async def remove_forward(self, name: str) -> None:
-        """Stop a forward listener and reset its flows in flight; ``KeyError`` if unknown."""
-        run = self._forwards.pop(name)
-        run.scope.cancel()
-        _close(run.listener)
-        for live in list(self._live.values()):
-            if live.plan.route == name:
-                live.stop(Stop.CANCELLED)
-        await trio.lowlevel.checkpoint()
-
-    async def _accept_forward(self, run: _ForwardRun, serving: _Serving) -> None:
-        with run.scope:
-            await self._accept_loop(run.listener, serving.reactor, serving.flows, run)
-
-    async def drain(self, grace: float) -> int:
-        """Stop taking flows, give those in flight ``grace`` seconds, then reset the rest.
-
-        Returns how many flows had to be reset (0: everything finished by itself).
-        """
-        self._draining = True
-        self._accepting.cancel()
-        if self._active == 0:
-            self._drained.set()
-        with trio.move_on_after(grace):
-            await self._drained.wait()
-        remaining = self._active
-        if remaining:
-            LOGGER.warning("grace period over: resetting %d flows", remaining)
-            for live in list(self._live.values()):
-                live.stop(Stop.CANCELLED)
-            if self._flows_scope is not None:
-                self._flows_scope.cancel()  # flows not yet connecting out, if any
-        return remaining
 
     async def _accept_loop(
         self,
@@ -758,6 +583,183 @@ class Proxy:
                     # Not known to have moved: its idle time still runs from ``since``.
                     still[flow_id] = (read, acknowledged, since)
             seen = still
+
+    def _plan(self, flow: Flow) -> _Plan:
+        """What ``flow`` does: its route's plan, or the proxy's own when no route takes it."""
+        table = self._routes
+        if table is None:
+            return self._default
+        routes, plans = table
+        position = routes.position(flow.transport, flow.client, flow.server)
+        return self._default if position is None else plans[position]
+
+    # -- changing it while it runs, and asking it how it does ----------------------------
+
+    def set_routes(self, routes: Routes | None) -> None:
+        """Take new flows by ``routes`` from now on (``None``: no routes).
+
+        The flows in flight keep the route they started with, its chains and its timeouts:
+        the table is swapped whole, and a flow holds its plan, not the table.
+        """
+        default = self._default
+        if routes is None:
+            self._routes = None
+            idle_timeouts = [default.idle_timeout]
+        else:
+            plans = tuple(_plan_for(route, default) for route in routes)
+            self._routes = (routes, plans)
+            idle_timeouts = [default.idle_timeout, *(plan.idle_timeout for plan in plans)]
+        self._shortest_idle = min((t for t in idle_timeouts if t is not None), default=math.inf)
+        # The sweep looks at once, and from then on as often as the shortest timeout needs.
+        self._idle_timeouts_changed.set()
+        self._idle_timeouts_changed = trio.Event()
+
+    @property
+    def routes(self) -> Routes | None:
+        """The routes new flows are taken by (``None``: no routes)."""
+        return None if self._routes is None else self._routes[0]
+
+    def set_live_interceptors(self, route: str | None, interceptors: Sequence[Interceptor]) -> None:
+        """Run ``interceptors`` on the flows of ``route`` (a route's name; ``None``: the flows
+        no route takes) from now on, the flows in flight included, after the route's own.
+
+        A flow in flight takes the change at its next chunk boundary: a spliced direction
+        moves onto the interceptor path, and back once none is left, without losing or
+        reordering a byte. An interceptor already running on a flow goes on as it was
+        (its state and timers kept); one taken away sees the end of its chunks and may
+        flush what it holds. ``for_flows`` interceptors are asked once per flow. A UDP
+        session takes the change at its next datagram.
+        """
+        interceptors = tuple(interceptors)
+        if interceptors:
+            self._live_chains[route] = interceptors
+        elif self._live_chains.pop(route, None) is None:
+            return
+        for live in self._live.values():
+            if live.plan.route == route and live.ways is not None:
+                for way in live.ways:
+                    changed(way)
+        self.udp.changed(route)  # UDP sessions in flight too, at their next datagram
+
+    def live_interceptors(self, route: str | None) -> tuple[Interceptor, ...]:
+        """The interceptors set on ``route`` with ``set_live_interceptors``."""
+        return self._live_chains.get(route, ())
+
+    def set_enabled(self, route: str, enabled: bool) -> None:
+        """Disable ``route`` (Toxiproxy's ``enabled=false``: its flows in flight are reset, new
+        ones refused with a reset), or enable it again."""
+        if enabled:
+            self._disabled.discard(route)
+            return
+        self._disabled.add(route)
+        for live in list(self._live.values()):
+            if live.plan.route == route:
+                live.stop(Stop.ROUTE_DISABLED)
+        self.udp.stop_route(route)
+
+    def flows(self) -> list[FlowInfo]:
+        """The flows in flight now, oldest first."""
+        now, chains = trio.current_time(), self._live_chains
+        tcp = [live.info(now, chains.get(live.plan.route, ())) for live in self._live.values()]
+        return sorted([*tcp, *self.udp.infos(now)], key=lambda info: -info.age_s)
+
+    def reset_flow(self, flow_id: int) -> bool:
+        """Reset one flow in flight, both sides; false if there is no such flow."""
+        live = self._live.get(flow_id)
+        if live is None:
+            return self.udp.stop(flow_id, Stop.RESET_REQUESTED.value)
+        live.stop(Stop.RESET_REQUESTED)
+        return True
+
+    @property
+    def forwards(self) -> dict[str, tuple[Forward, Address]]:
+        """The forward listeners running now, by name: each with its bound address."""
+        return {name: (run.forward, run.address) for name, run in self._forwards.items()}
+
+    async def add_forward(self, forward: Forward) -> Address:
+        """Start a forward listener while the proxy serves; its bound address.
+
+        ``ValueError`` if its name is taken (by a forward or a route), ``OSError`` if it
+        cannot listen.
+        """
+        serving = self._serving
+        if serving is None:
+            raise RuntimeError("the proxy is not serving")
+        routes = self.routes
+        if forward.name in self._forwards or (
+            routes is not None and any(route.name == forward.name for route in routes)
+        ):
+            raise ValueError(f"{forward.name!r} is taken")
+        listener = open_forward_listener(forward.listen)
+        address = from_sockaddr(listener.getsockname())
+        plan = _Plan(
+            forward.name,
+            forward.interceptors,
+            self._default.connect_timeout,
+            self._default.idle_timeout,
+        )
+        run = _ForwardRun(forward, address, plan, listener)
+        self._forwards[forward.name] = run
+        LOGGER.info(
+            "forwarding %s to %s", format_address(address), format_address(forward.upstream)
+        )
+        serving.acceptors.start_soon(self._accept_forward, run, serving)
+        await trio.lowlevel.checkpoint()
+        return address
+
+    async def remove_forward(self, name: str) -> None:
+        """Stop a forward listener and reset its flows in flight; ``KeyError`` if unknown."""
+        run = self._forwards.pop(name)
+        run.scope.cancel()
+        _close(run.listener)
+        for live in list(self._live.values()):
+            if live.plan.route == name:
+                live.stop(Stop.CANCELLED)
+        await trio.lowlevel.checkpoint()
+
+    async def _accept_forward(self, run: _ForwardRun, serving: _Serving) -> None:
+        with run.scope:
+            await self._accept_loop(run.listener, serving.reactor, serving.flows, run)
+
+    async def drain(self, grace: float) -> int:
+        """Stop taking flows, give those in flight ``grace`` seconds, then reset the rest.
+
+        Returns how many flows had to be reset (0: everything finished by itself).
+        """
+        self._draining = True
+        self._accepting.cancel()
+        if self._active == 0:
+            self._drained.set()
+        with trio.move_on_after(grace):
+            await self._drained.wait()
+        remaining = self._active
+        if remaining:
+            LOGGER.warning("grace period over: resetting %d flows", remaining)
+            for live in list(self._live.values()):
+                live.stop(Stop.CANCELLED)
+            if self._flows_scope is not None:
+                self._flows_scope.cancel()  # flows not yet connecting out, if any
+        return remaining
+
+    @property
+    def active_flows(self) -> int:
+        return self._active
+
+    def bytes_moved(self) -> dict[Direction, int]:
+        """Bytes delivered so far each way, by every flow, the ones in flight included.
+
+        Computed when asked (for a metrics scrape, say), so the data path pays nothing.
+        """
+        totals = dict(self._closed_bytes)
+        for live in self._live.values():
+            for way in live.ways or ():
+                totals[way.direction] += way.written
+        return totals
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The bound listener addresses (empty until ``serve`` has started)."""
+        return list(self._listening)
 
 
 async def relay_direction(
