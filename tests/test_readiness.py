@@ -113,9 +113,11 @@ class RecordingPump:
     def __init__(self, readiness: Readiness) -> None:
         self.readiness = readiness
         self.turned_in: list[trio.lowlevel.Task] = []
+        self.turned = trio.Event()
 
     def turn(self) -> Turn:
         self.turned_in.append(trio.lowlevel.current_task())
+        self.turned.set()
         self.readiness.clear(CLIENT_READABLE)
         return Turn.STUCK
 
@@ -134,12 +136,11 @@ async def test_a_kick_runs_the_pump_in_the_reactors_next_round_waking_it() -> No
         await trio.testing.wait_all_tasks_blocked()  # parked, and the reactor asleep
         [pump_task] = pump.turned_in  # its first turn is its own task's
         for _ in range(3):
-            turns = len(pump.turned_in)
+            turns, pump.turned = len(pump.turned_in), trio.Event()
             reactor.kick(readiness, CLIENT_READABLE)
             assert len(pump.turned_in) == turns, "not in the caller's task"
             with trio.fail_after(5):  # a reactor left asleep would never turn it
-                while len(pump.turned_in) == turns:
-                    await trio.sleep(0.001)
+                await pump.turned.wait()
             turned_in = pump.turned_in[-1]
             assert turned_in not in (pump_task, trio.lowlevel.current_task())
             assert turned_in.name.endswith("Reactor.run"), turned_in.name
