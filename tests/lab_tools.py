@@ -195,6 +195,19 @@ async def roundtrip(sock: trio.socket.SocketType, data: bytes = b"ping") -> None
     assert await recv_exactly(sock, len(data)) == data
 
 
+async def both_ways(
+    client: trio.socket.SocketType,
+    server: trio.socket.SocketType,
+    up: bytes = b"ping",
+    down: bytes = b"pong",
+) -> None:
+    """``up`` from the client to the server, then ``down`` back, each checked on arrival."""
+    await send_all(client, up)
+    assert await recv_exactly(server, len(up)) == up
+    await send_all(server, down)
+    assert await recv_exactly(client, len(down)) == down
+
+
 def reset_close(sock: trio.socket.SocketType) -> None:
     """Close with a RST, as a crashing or aborting peer would."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")

@@ -14,6 +14,7 @@ from lab_tools import (
     ADDRESSES,
     CliProxy,
     EventLog,
+    both_ways,
     connect,
     echo_server,
     listen,
@@ -214,10 +215,7 @@ async def test_a_reset_on_an_intercepted_flow_resets_the_other_side(
         await nursery.start(run_library_proxy, events, {"interceptors": [interceptor]})
         with trio.fail_after(10):
             async with open_flow(lab, SERVER_V4) as (client, server, _):
-                await send_all(client, b"up")
-                assert await recv_exactly(server, 2) == b"up"
-                await send_all(server, b"down")
-                assert await recv_exactly(client, 4) == b"down"
+                await both_ways(client, server, b"up", b"down")
                 aborting, survivor = (server, client)
                 if resetting_side == "client":
                     aborting, survivor = client, server

@@ -12,6 +12,7 @@ from lab_tools import (
     CONNECT_TIMEOUT_S,
     SCHEDULING_ALLOWANCE_S,
     EventLog,
+    both_ways,
     connect,
     connect_expecting_reset,
     descriptors,
@@ -56,10 +57,7 @@ async def test_flow_keeps_both_addresses_and_reports_its_life(
             assert peer[:2] == client.getsockname()[:2]
             assert peer[0] == client_ip
             assert client.getpeername()[:2] == (server_ip, 9090)
-            await send_all(client, b"ping")
-            assert await recv_exactly(server, 4) == b"ping"
-            await send_all(server, b"pong!")
-            assert await recv_exactly(client, 5) == b"pong!"
+            await both_ways(client, server, b"ping", b"pong!")
             client.shutdown(socket.SHUT_WR)
             assert await recv_until_eof(server) == b""
             server_saw_eof = trio.current_time()
@@ -201,10 +199,7 @@ async def test_every_flow_has_a_nursery_with_one_relay_task_per_direction(
         await nursery.start(run_library_proxy, events, options)
         with trio.fail_after(10):
             async with open_flow(lab, SERVER_V4) as (client, server, _):
-                await send_all(client, b"ping")
-                assert await recv_exactly(server, 4) == b"ping"
-                await send_all(server, b"pong")
-                assert await recv_exactly(client, 4) == b"pong"
+                await both_ways(client, server)
                 (flow_task,) = [task for task in all_tasks() if task.name == _FLOW_TASK]
                 (flow_nursery,) = flow_task.child_nurseries
                 relays = [task.name for task in flow_nursery.child_tasks]
