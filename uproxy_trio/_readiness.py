@@ -54,7 +54,7 @@ MAX_EVENTS = 1024
 # timers, interceptor tasks, signals). A new flow waits a round at each of its steps (accept,
 # connect, first bytes), so the round bounds its latency beside bulk flows: with 200 iperf3
 # streams through the proxy, connect to first echoed byte had a p90 of 38-44 ms at 4 ms
-# rounds, 19-25 ms at 1 ms (HAProxy 15-16 ms). A round costs about 3 us more than its pumps,
+# rounds, 13-25 ms at 1 ms (HAProxy 14-21 ms). A round costs about 3 us more than its pumps,
 # 0.3% at this length; a pump's turn (``TURN_BYTES``) is about half of it.
 ROUND_S = 0.001
 
