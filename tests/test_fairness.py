@@ -18,6 +18,7 @@ from lab_tools import (
     echo_server,
     eventually,
     listen,
+    listeners,
     raise_own_fd_limit,
     recv_exactly,
     run_library_proxy,
@@ -75,8 +76,7 @@ async def iperf3_streams(lab: Lab, streams: int, seconds: int) -> AsyncIterator[
             nursery.start_soon(
                 functools.partial(trio.run_process, lab.server.exec_argv(server), check=False)
             )
-        for port in IPERF_PORTS:
-            await eventually(functools.partial(_listening, lab.server, port))
+        await eventually(lambda: all(listeners(lab.server, port) for port in IPERF_PORTS))
         for port in IPERF_PORTS:
             client = [
                 *(iperf3, "--client", SERVER_V4, "--port", str(port)),
@@ -97,10 +97,6 @@ async def iperf3_streams(lab: Lab, streams: int, seconds: int) -> AsyncIterator[
             yield
         finally:
             nursery.cancel_scope.cancel()
-
-
-def _listening(namespace: Namespace, port: int) -> bool:
-    return bool(namespace.run(["ss", "-Hltn", f"sport = :{port}"]).strip())
 
 
 def _established(namespace: Namespace) -> int:
